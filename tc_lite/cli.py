@@ -1,0 +1,54 @@
+"""Command line: `python -m tc_lite <command>`. User errors print one message and exit non-zero, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import run_training
+
+    cfg = load_config(args.preset, args.overrides)
+    run_training(cfg)
+    return 0
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from .models import save_tiny_model
+
+    out = Path(args.out_dir)
+    single = Path(args.single_file) if args.single_file else None
+    save_tiny_model(out, single_file=single)
+    print(f"tiny model saved to {out}" + (f" and {single}" if single else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tc_lite", description="TextCraftor-style reward fine-tuning of the SD text encoder.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a text-encoder LoRA from a preset")
+    t.add_argument("preset", help="YAML preset, e.g. presets/tiny-cpu.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=200")
+    t.set_defaults(func=_train)
+    m = sub.add_parser("tiny-model", help="save the tiny built-in pipeline as a diffusers folder (for tests and demos)")
+    m.add_argument("out_dir")
+    m.add_argument("--single-file", help="also write an A1111-style single-file .safetensors checkpoint here")
+    m.set_defaults(func=_tiny_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:  # ConfigError included (exit code 2)
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

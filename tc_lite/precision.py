@@ -1,0 +1,81 @@
+"""Device, dtypes, autocast and loss scaling resolved once from the `memory` section.
+
+No-op objects instead of branches: on CPU/fp32 `autocast()` is a nullcontext and the scaler is disabled, so the
+training loop reads the same on every device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+
+from .config import MemoryConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Precision:
+    device: torch.device
+    name: str  # "fp16" | "bf16" | "fp32"
+    weight_dtype: torch.dtype  # frozen weights (UNet, VAE, encoder base) are stored in this dtype
+    scaler: torch.amp.GradScaler
+
+    def autocast(self) -> ContextManager:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "memory.device: cuda was asked for but PyTorch sees no CUDA GPU "
+            f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA). "
+            "Install a CUDA build of torch, or set memory.device=cpu."
+        )
+    return torch.device(choice)
+
+
+def resolve_precision(cfg: MemoryConfig) -> Precision:
+    device = resolve_device(cfg.device)
+    name = cfg.precision
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("memory.precision: fp16 needs a CUDA GPU; on the CPU use bf16 or fp32 (or auto)")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("memory.precision: this GPU has no bf16 support; use fp16 (or auto)")
+    scaler = torch.amp.GradScaler(device.type, enabled=(name == "fp16"))
+    return Precision(device=device, name=name, weight_dtype=DTYPES[name], scaler=scaler)
+
+
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a wheel built for another torch/CUDA
+        return False
+    return True
+
+
+def set_attention(unet: torch.nn.Module, choice: str, device: torch.device, warn: Callable[[str], None] = log.warning) -> str:
+    """Use PyTorch SDPA (fused, memory-efficient kernels) unless xformers is asked for and usable. Returns what is used."""
+    if choice in ("xformers", "auto") and device.type == "cuda" and xformers_available():
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    if choice == "xformers":
+        why = "the device is not CUDA" if device.type != "cuda" else "xformers is not installed (pip install xformers)"
+        warn(f"memory.attention: xformers requested but {why}; falling back to PyTorch SDPA, which is as memory-efficient on current GPUs")
+    return "sdpa"  # diffusers' default processor for torch>=2 is scaled_dot_product_attention

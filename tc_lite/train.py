@@ -1,0 +1,256 @@
+"""The training recipe: load → sample → decode → score → update → export, driven by one Config.
+
+`Recipe.setup()` turns config sections into objects; `Recipe.train()` is the loop. One optimizer step is
+`grad_accum` micro-steps of: encode prompts, denoise (no-grad prefix, grad tail), decode, score, backward(−reward).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import Config, save_config
+from .data import PromptSampler, load_prompts
+from .decode import configure_vae, decode
+from .errors import UserError
+from .export import export_kohya, kohya_metadata
+from .io import save_safetensors_atomic
+from .lora import add_lora, enable_full_finetune, lora_disabled, trainable_parameters
+from .models import freeze_and_cast, load_components
+from .optim import build_optimizer, build_schedule
+from .outputs import MetricsLog, ProgressBar, make_grid
+from .precision import resolve_precision, set_attention
+from .rewards import RewardMix, build_reward
+from .sampling import Cond, DenoisePlan, Denoiser, TextConditioner, make_scheduler
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """Noise for (step, micro-step) depends only on these numbers, so a run is reproducible and resumable."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % 2**63)
+
+
+@dataclass
+class StepStats:
+    loss: float = 0.0
+    reward: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
+    grad_steps: list[int] = field(default_factory=list)
+
+
+class Recipe:
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.output.dir)
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> "Recipe":
+        cfg = self.cfg
+        self._prepare_output_dir()
+        self.precision = p = resolve_precision(cfg.memory)
+        seed_everything(cfg.train.seed)
+        prompts = load_prompts(cfg.data.prompts, column=cfg.data.column)
+
+        comps = load_components(cfg.model.source, dtype=p.weight_dtype, config_dir=cfg.model.config_dir,
+                                allow_pickle=cfg.model.allow_pickle, revision=cfg.model.revision)
+        freeze_and_cast(comps, p.weight_dtype)
+        for m in (comps.unet, comps.vae, comps.text_encoder):
+            m.to(p.device)
+        self.components = comps
+        self.attention = set_attention(comps.unet, cfg.memory.attention, p.device, warn=self.log)
+        configure_vae(comps.vae, cfg.memory.checkpoint_vae)
+
+        self.text_encoder, self.conditioner = self._setup_text_encoder(comps)
+        self.params = trainable_parameters(self.text_encoder)
+        self.rewards = RewardMix(
+            [(label, build_reward(term.type or label, args=term.args), term.weight)
+             for label, term in cfg.rewards.terms.items() if term.weight != 0],
+            device=p.device, dtype=p.weight_dtype, offload=cfg.rewards.offload)
+        self.sampler = PromptSampler(prompts, cfg.train.batch_size, cfg.train.seed)
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
+        self.denoiser = Denoiser(comps.unet, make_scheduler(cfg.sampling.scheduler, comps.scheduler), p.autocast)
+        self.uncond_base = self.conditioner.base([cfg.sampling.negative_prompt])
+        self.step = 0
+        save_config(cfg, self.out / "config.yaml")
+        n_train = sum(x.numel() for x in self.params)
+        self.log(f"tc-lite: {comps.source} on {p.device} ({p.name}, attention {self.attention}); "
+                 f"{cfg.lora.mode} with {n_train:,} trainable parameters; {len(prompts)} prompts; "
+                 f"rewards {', '.join(f'{n}×{w:g}' for n, _, w in self.rewards.entries)}")
+        return self
+
+    def _prepare_output_dir(self) -> None:
+        final = self.out / f"{self.cfg.output.name}.safetensors"
+        if final.exists() and not self.cfg.output.overwrite:
+            raise UserError(f"output.dir: {self.out} already holds a finished run ({final.name}); "
+                            "choose another output.dir or set output.overwrite=true")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"output.dir: cannot write to {self.out} ({e.strerror}); choose a writable folder") from None
+
+    def _setup_text_encoder(self, comps: Any) -> tuple[torch.nn.Module, TextConditioner]:
+        cfg, device = self.cfg, self.precision.device
+        if cfg.lora.mode == "lora":
+            te = add_lora(comps.text_encoder, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                          dropout=cfg.lora.dropout, targets=cfg.lora.targets)
+            te.to(device)
+            return te, TextConditioner(comps.tokenizer, te, device, original=lambda: lora_disabled(te))
+        original = copy.deepcopy(comps.text_encoder).requires_grad_(False)  # the paper's full fine-tune needs the untouched copy
+        te = enable_full_finetune(comps.text_encoder).to(device)
+        return te, TextConditioner(comps.tokenizer, te, device, original_encoder=original)
+
+    # ------------------------------------------------------------------------------------------------ one step
+
+    def draw_grad_steps(self, gen: torch.Generator) -> int:
+        s = self.cfg.sampling
+        lo = s.grad_steps_min if s.grad_steps_min is not None else s.grad_steps
+        return int(torch.randint(lo, s.grad_steps + 1, (1,), generator=gen))
+
+    def conditioning(self, prompts: list[str]) -> dict[str, Cond]:
+        """The embeddings for both phases; see the `sampling.encoder_schedule` and `sampling.uncond` docs in base.yaml."""
+        s = self.cfg.sampling
+        late = self.conditioner.tuned(prompts)
+        uncond_late = self.uncond_base if s.uncond == "original" else self.conditioner.tuned([s.negative_prompt])
+        if s.encoder_schedule == "two_encoder":
+            return dict(early=self.conditioner.base(prompts), uncond_early=self.uncond_base, late=late, uncond_late=uncond_late)
+        return dict(early=late, uncond_early=uncond_late, late=late, uncond_late=uncond_late)
+
+    def generate_latents(self, prompts: list[str], gen: torch.Generator, grad_steps: int) -> torch.Tensor:
+        s, comps = self.cfg.sampling, self.components
+        plan = DenoisePlan(s.steps, grad_steps, s.guidance_scale, self.cfg.memory.checkpoint_unet, s.eta)
+        f = comps.vae_scale_factor
+        noise = self.denoiser.initial_latents(len(prompts), comps.latent_channels, s.height // f, s.width // f,
+                                              gen, self.precision.device)
+        return self.denoiser.run(noise, plan, generator=gen, **self.conditioning(prompts))
+
+    def micro_step(self, prompts: list[str], gen: torch.Generator, stats: StepStats) -> None:
+        k = self.draw_grad_steps(gen)
+        latents = self.generate_latents(prompts, gen, k)
+        images = decode(self.components.vae, latents, self.precision.autocast)
+        total, parts = self.rewards(images, prompts)
+        loss = -total.mean() / self.cfg.train.grad_accum
+        self.precision.scaler.scale(loss).backward()
+        stats.loss += float(loss)
+        stats.reward += float(total.mean()) / self.cfg.train.grad_accum
+        for name, v in parts.items():
+            stats.parts[name] = stats.parts.get(name, 0.0) + float(v.mean()) / self.cfg.train.grad_accum
+        stats.grad_steps.append(k)
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Unscale, clip, step. Returns (grad norm, whether the update was applied)."""
+        scaler, clip = self.precision.scaler, self.cfg.optim.grad_clip
+        scaler.unscale_(self.optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip is not None else math.inf))
+        finite = math.isfinite(norm)
+        if finite or scaler.is_enabled():  # the scaler skips non-finite steps itself and lowers its scale
+            scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        return norm, finite
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        metrics = MetricsLog(self.out / "metrics.jsonl")
+        bar = ProgressBar(total=cfg.train.steps, initial=self.step, enabled=cfg.logging.progress)
+        if cfg.logging.sample_every and self.step == 0:
+            self.save_samples(0)
+        t_last = time.perf_counter()
+        while self.step < cfg.train.steps:
+            stats = StepStats()
+            for micro in range(cfg.train.grad_accum):
+                self.micro_step(next(self.sampler), step_generator(cfg.train.seed, self.step, micro), stats)
+            norm, applied = self.optimizer_step()
+            self.step += 1
+            now = time.perf_counter()
+            record = {"step": self.step, "loss": stats.loss, "reward": stats.reward,
+                      **{f"reward/{k}": v for k, v in stats.parts.items()},
+                      "grad_norm": norm, "skipped": not applied, "lr": self.schedule.get_last_lr()[0],
+                      "grad_steps": stats.grad_steps, "sec": now - t_last}
+            if self.precision.device.type == "cuda":
+                record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            t_last = now
+            if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
+                metrics.write(record)
+            bar.update(record)
+            if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+                self.save_samples(self.step)
+        bar.close()
+        if cfg.logging.sample_every and cfg.train.steps % cfg.logging.sample_every:
+            self.save_samples(self.step)
+        path = self.export()
+        metrics.close()
+        self.log(f"done: {path}")
+        return path
+
+    # ------------------------------------------------------------------------------------------------ outputs
+
+    @torch.no_grad()
+    def render(self, prompts: list[str], seeds: list[int], tuned: bool = True) -> torch.Tensor:
+        """Images [N,3,H,W] for every (prompt, seed), with the tuned encoder on all steps (what users will get)."""
+        s, comps = self.cfg.sampling, self.components
+        images = []
+        for prompt in prompts:
+            for seed in seeds:
+                gen = torch.Generator().manual_seed(seed)
+                cond = self.conditioner.tuned([prompt]) if tuned else self.conditioner.base([prompt])
+                uncond = self.conditioner.tuned([s.negative_prompt]) if tuned else self.uncond_base
+                f = comps.vae_scale_factor
+                noise = self.denoiser.initial_latents(1, comps.latent_channels, s.height // f, s.width // f, gen,
+                                                      self.precision.device)
+                plan = DenoisePlan(s.steps, 0, s.guidance_scale, False, s.eta)
+                latents = self.denoiser.run(noise, plan, early=cond, late=cond, uncond_early=uncond,
+                                            uncond_late=uncond, generator=gen)
+                images.append(decode(comps.vae, latents, self.precision.autocast).cpu())
+        return torch.cat(images)
+
+    def save_samples(self, step: int) -> Path:
+        lg = self.cfg.logging
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        images = self.render(lg.sample_prompts, lg.sample_seeds)
+        self.text_encoder.train(was_training)
+        path = self.out / "samples" / f"step_{step:06d}.png"
+        make_grid(images, rows=len(lg.sample_prompts), labels=lg.sample_prompts, path=path)
+        return path
+
+    def export(self) -> Path:
+        cfg = self.cfg
+        if cfg.lora.mode == "full":
+            path = self.out / f"{cfg.output.name}_text_encoder.safetensors"
+            sd = {k: v.detach().to(torch.float16 if cfg.output.save_precision == "fp16" else v.dtype).contiguous().cpu()
+                  for k, v in self.text_encoder.state_dict().items()}
+            save_safetensors_atomic(sd, path, metadata={"tc_lite_config": json.dumps(cfg.to_dict())})
+            return path
+        meta = kohya_metadata(
+            output_name=cfg.output.name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, lr=cfg.optim.lr,
+            seed=cfg.train.seed, steps=self.step, mixed_precision=self.precision.name, optimizer=cfg.optim.name,
+            extra={"tc_lite_config": json.dumps(cfg.to_dict())})
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.output.save_precision]
+        return export_kohya(self.text_encoder, self.out / f"{cfg.output.name}.safetensors", metadata=meta, save_dtype=dtype)
+
+
+def run_training(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    return Recipe(cfg, log).setup().train()
