@@ -130,16 +130,25 @@ class Denoiser:
         return e_uncond + guidance * (e_cond - e_uncond)
 
     def run(self, latents: torch.Tensor, plan: DenoisePlan, *, early: Cond, late: Cond, uncond_early: Cond,
-            uncond_late: Cond, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoise from pure noise. `early`/`uncond_early` condition the no-grad steps, `late`/`uncond_late` the grad steps."""
+            uncond_late: Cond, generator: torch.Generator | None = None, start: int = 0) -> torch.Tensor:
+        """Denoise. `early`/`uncond_early` condition the no-grad steps, `late`/`uncond_late` the last `grad_steps`.
+
+        `latents` is pure noise when `start == 0`, else the latent reached after step `start` (a cached prefix:
+        exact for the single-step schedulers DDIM and Euler; DPM++ keeps a history the prefix does not carry).
+        """
         sched = self.scheduler
         sched.set_timesteps(plan.steps, device=latents.device)
-        latents = latents * sched.init_noise_sigma
+        if start == 0:
+            latents = latents * sched.init_noise_sigma
+        elif hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
         split = plan.steps - plan.grad_steps
         step_kwargs: dict[str, Any] = {}
         if "eta" in sched.step.__code__.co_varnames:
             step_kwargs = {"eta": plan.eta, "generator": generator}
         for i, t in enumerate(sched.timesteps):
+            if i < start:
+                continue
             grad = i >= split
             cond, uncond = (late, uncond_late) if grad else (early, uncond_early)
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):

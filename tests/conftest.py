@@ -19,3 +19,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    """The tiny pretrained SD1 pipeline (built once, cached on disk). Tests that modify it must deepcopy."""
+    from tc_lite.models import build_tiny_components
+
+    return build_tiny_components(seed=0, pretrain=True)
