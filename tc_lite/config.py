@@ -97,6 +97,10 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata=_range(1, 1024))
     grad_accum: int = field(default=1, metadata=_range(1, 1024))
     seed: int = field(default=0, metadata=_range(0))
+    resume: str | None = "auto"  # auto: continue from the newest checkpoint in output.dir if any; a path; null: never
+    checkpoint_every: int = field(default=100, metadata=_range(0))  # 0: only on interrupt
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    max_bad_steps: int = field(default=5, metadata=_range(1))  # consecutive non-finite steps before the run stops
 
 
 @dataclass

@@ -23,6 +23,17 @@ class MetricsLog:
     def close(self) -> None:
         self._f.close()
 
+    @staticmethod
+    def truncate(path: Path, step: int) -> None:
+        """On resume, drop the lines of steps after the checkpoint: they will be logged again."""
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        from .io import save_text_atomic
+
+        save_text_atomic("".join(line + "\n" for line in keep), path)
+
 
 class ProgressBar:
     """tqdm bar with reward, loss and (on CUDA) peak GPU memory; a no-op when disabled."""

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, save_config
 from .data import PromptSampler, load_prompts
 from .decode import configure_vae, decode
@@ -57,6 +60,8 @@ class Recipe:
         self.cfg = cfg
         self.log = log
         self.out = Path(cfg.output.dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -88,6 +93,8 @@ class Recipe:
         self.denoiser = Denoiser(comps.unet, make_scheduler(cfg.sampling.scheduler, comps.scheduler), p.autocast)
         self.uncond_base = self.conditioner.base([cfg.sampling.negative_prompt])
         self.step = 0
+        self.bad_steps = 0
+        self._resume()
         save_config(cfg, self.out / "config.yaml")
         n_train = sum(x.numel() for x in self.params)
         self.log(f"tc-lite: {comps.source} on {p.device} ({p.name}, attention {self.attention}); "
@@ -100,6 +107,11 @@ class Recipe:
         if final.exists() and not self.cfg.output.overwrite:
             raise UserError(f"output.dir: {self.out} already holds a finished run ({final.name}); "
                             "choose another output.dir or set output.overwrite=true")
+        if self.cfg.train.resume is None and list_checkpoints(self.ckpt_dir) and not self.cfg.output.overwrite:
+            raise UserError(f"output.dir: {self.out} holds an unfinished run; continue it with train.resume=auto, "
+                            "or start over with output.overwrite=true")
+        if self.cfg.output.overwrite and final.exists():
+            final.unlink()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe = self.out / ".write_test"
@@ -169,6 +181,73 @@ class Recipe:
         self.schedule.step()
         return norm, finite
 
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "trainable": {n: p.detach().cpu() for n, p in self.text_encoder.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "bad_steps": self.bad_steps,
+            "config": self.cfg.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume is None or self.cfg.output.overwrite:
+            return
+        if resume == "auto":
+            found = list_checkpoints(self.ckpt_dir)
+            if not found:
+                return
+            path = found[-1]
+        else:
+            path = Path(resume)
+        state = load_checkpoint(path)
+        params = dict((n, p) for n, p in self.text_encoder.named_parameters() if p.requires_grad)
+        if set(params) != set(state["trainable"]):
+            raise UserError(f"train.resume: {path} was saved for different trainable weights (lora.mode/rank/targets "
+                            "changed?); resume with the settings it was made with or start a new output.dir")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["trainable"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.bad_steps = state["bad_steps"]
+        self.step = state["step"]
+        MetricsLog.truncate(self.out / "metrics.jsonl", self.step)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log(f"{signal.Signals(signum).name}: saving a checkpoint after this step (press again to stop now)")
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """Ctrl-C / SIGTERM finish the current step, checkpoint, then stop; only the main thread can install handlers."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
     # ------------------------------------------------------------------------------------------------ loop
 
     def train(self) -> Path:
@@ -178,25 +257,24 @@ class Recipe:
         if cfg.logging.sample_every and self.step == 0:
             self.save_samples(0)
         t_last = time.perf_counter()
-        while self.step < cfg.train.steps:
-            stats = StepStats()
-            for micro in range(cfg.train.grad_accum):
-                self.micro_step(next(self.sampler), step_generator(cfg.train.seed, self.step, micro), stats)
-            norm, applied = self.optimizer_step()
-            self.step += 1
-            now = time.perf_counter()
-            record = {"step": self.step, "loss": stats.loss, "reward": stats.reward,
-                      **{f"reward/{k}": v for k, v in stats.parts.items()},
-                      "grad_norm": norm, "skipped": not applied, "lr": self.schedule.get_last_lr()[0],
-                      "grad_steps": stats.grad_steps, "sec": now - t_last}
-            if self.precision.device.type == "cuda":
-                record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            t_last = now
-            if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
-                metrics.write(record)
-            bar.update(record)
-            if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
-                self.save_samples(self.step)
+        with self._signals():
+            while self.step < cfg.train.steps:
+                record = self.train_step()
+                now = time.perf_counter()
+                record["sec"], t_last = now - t_last, now
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
+                    metrics.write(record)
+                bar.update(record)
+                if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+                    self.save_samples(self.step)
+                every = cfg.train.checkpoint_every
+                if self._stop_signal is not None or (every and self.step % every == 0 and self.step < cfg.train.steps):
+                    path = self.save_checkpoint()
+                if self._stop_signal is not None:
+                    bar.close()
+                    metrics.close()
+                    raise Interrupted(f"stopped at step {self.step}; checkpoint {path}. "
+                                      f"Run the same command again to resume (train.resume: auto).", self._stop_signal)
         bar.close()
         if cfg.logging.sample_every and cfg.train.steps % cfg.logging.sample_every:
             self.save_samples(self.step)
@@ -204,6 +282,31 @@ class Recipe:
         metrics.close()
         self.log(f"done: {path}")
         return path
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (grad_accum micro-steps); returns its metrics record."""
+        cfg = self.cfg
+        stats = StepStats()
+        try:
+            for micro in range(cfg.train.grad_accum):
+                self.micro_step(next(self.sampler), step_generator(cfg.train.seed, self.step, micro), stats)
+        except torch.OutOfMemoryError:
+            raise UserError(out_of_memory_message(cfg)) from None
+        norm, applied = self.optimizer_step()
+        self.step += 1
+        self.bad_steps = 0 if applied and math.isfinite(stats.loss) else self.bad_steps + 1
+        if self.bad_steps >= cfg.train.max_bad_steps:
+            raise UserError(
+                f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
+                "likely causes: optim.lr too high, fp16 overflow (try memory.precision=bf16 or fp32), or a reward "
+                "returning extreme values. The last good checkpoint is kept in " + str(self.ckpt_dir))
+        record = {"step": self.step, "loss": stats.loss, "reward": stats.reward,
+                  **{f"reward/{k}": v for k, v in stats.parts.items()},
+                  "grad_norm": norm, "skipped": not applied, "bad_steps": self.bad_steps,
+                  "lr": self.schedule.get_last_lr()[0], "grad_steps": stats.grad_steps}
+        if self.precision.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return record
 
     # ------------------------------------------------------------------------------------------------ outputs
 
@@ -250,6 +353,21 @@ class Recipe:
             extra={"tc_lite_config": json.dumps(cfg.to_dict())})
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.output.save_precision]
         return export_kohya(self.text_encoder, self.out / f"{cfg.output.name}.safetensors", metadata=meta, save_dtype=dtype)
+
+
+class Interrupted(UserError):
+    """Ctrl-C or SIGTERM: the run saved a checkpoint and stopped; exit code 128 + signal, as shells expect."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def out_of_memory_message(cfg: Config) -> str:
+    return ("out of GPU memory during a training step. Lower memory with (roughly in order of cost): "
+            "memory.checkpoint_unet=true, memory.checkpoint_vae=true, rewards.offload=cpu, "
+            f"train.batch_size={max(1, cfg.train.batch_size // 2)} with train.grad_accum={cfg.train.grad_accum * 2}, "
+            "a smaller sampling.height/width, memory.precision=fp16. The last good checkpoint is kept.")
 
 
 def run_training(cfg: Config, log: Callable[[str], None] = print) -> Path:

@@ -1,0 +1,109 @@
+"""Never lose a run: exact resume after SIGKILL, checkpoint on SIGTERM, rotation, and the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tc_lite.checkpoint import list_checkpoints
+from tc_lite.config import load_config
+from tc_lite.errors import UserError
+from tc_lite.train import Recipe, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "presets" / "tiny-cpu.yaml"
+COMMON = ["train.steps=8", "logging.sample_every=0", "logging.progress=false", "train.checkpoint_every=1"]
+
+
+class InfiniteGradient:
+    """A reward whose value is finite (0) but whose gradient is infinite: d sqrt(u)/du at u=0."""
+
+    def __call__(self, images, prompts):
+        u = images - images.detach()
+        return torch.sqrt(u.mean(dim=(1, 2, 3)))
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run.py", str(TINY), f"output.dir={out}", *COMMON, *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> None:
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("run did not progress")
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_components):
+    ref = start(tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.communicate()
+    out = tmp_path / "killed"
+    proc = start(out)
+    wait_for_steps(out, proc, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "tiny_cpu.safetensors").exists()
+    done_before = len(list_checkpoints(out / "checkpoints"))
+    assert done_before >= 1
+    again = start(out)
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert "resumed from" in stdout + stderr
+    a, b = load_file(tmp_path / "ref" / "tiny_cpu.safetensors"), load_file(out / "tiny_cpu.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path, tiny_components):
+    out = tmp_path / "run"
+    proc = start(out, "train.checkpoint_every=0", "train.steps=500")
+    wait_for_steps(out, proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "resume" in stderr
+    (ckpt,) = list_checkpoints(out / "checkpoints")
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert ckpt.name == f"step_{last:06d}.pt"
+
+
+def test_checkpoints_rotate_and_resume_null_refuses_unfinished(tmp_path, tiny_components):
+    cfg = load_config(TINY, [f"output.dir={tmp_path}", *COMMON, "train.steps=4", "train.keep_checkpoints=2"])
+    recipe = Recipe(cfg, log=lambda s: None).setup()
+    for _ in range(3):  # step by hand, as a run that crashed after step 3 would have
+        recipe.train_step()
+        recipe.save_checkpoint()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000002.pt", "step_000003.pt"]
+    with pytest.raises(UserError, match="unfinished run"):
+        Recipe(load_config(TINY, [f"output.dir={tmp_path}", *COMMON, "train.resume=null"]), log=lambda s: None).setup()
+    resumed = Recipe(load_config(TINY, [f"output.dir={tmp_path}", *COMMON, "train.steps=4"]), log=lambda s: None).setup()
+    assert resumed.step == 3
+
+
+def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path, tiny_components):
+    cfg = load_config(TINY, [f"output.dir={tmp_path}", *COMMON, "train.max_bad_steps=3",
+                             "rewards.terms.redness.weight=0", "rewards.terms.bad.type=tests.test_resume:InfiniteGradient"])
+    recipe = Recipe(cfg, log=lambda s: None).setup()
+    before = [p.detach().clone() for p in recipe.params]
+    with pytest.raises(UserError, match="3 consecutive steps had a non-finite"):
+        recipe.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, recipe.params))  # skipped steps changed nothing
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [True, True] and rows[-1]["bad_steps"] == 2
+    assert not (tmp_path / "tiny_cpu.safetensors").exists()
