@@ -1,12 +1,22 @@
-"""Command line: `python -m tc_lite <command>`. User errors print one message and exit non-zero, no traceback."""
+"""Command line: `python -m tc_lite <command>`. User errors print one message and exit non-zero, no traceback.
+
+Each command lives in its own module exposing `register(subparsers)`, which adds a parser whose `func(args) -> int`
+runs it; heavy imports happen inside `func`, so `--help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from .errors import UserError
+
+# Modules that contribute sub-commands (each has `register(subparsers)`).
+COMMAND_MODULES = [
+    "tc_lite.cli",
+]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -28,9 +38,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tc_lite", description="TextCraftor-style reward fine-tuning of the SD text encoder.")
-    sub = p.add_subparsers(dest="command", required=True)
+def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a text-encoder LoRA from a preset")
     t.add_argument("preset", help="YAML preset, e.g. presets/tiny-cpu.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=200")
@@ -39,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir")
     m.add_argument("--single-file", help="also write an A1111-style single-file .safetensors checkpoint here")
     m.set_defaults(func=_tiny_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tc_lite", description="TextCraftor-style reward fine-tuning of the SD text encoder.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 
