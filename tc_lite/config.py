@@ -54,6 +54,7 @@ class SamplingConfig:
     width: int = field(default=512, metadata=_range(8, 4096))
     eta: float = field(default=0.0, metadata=_range(0.0, 1.0))
     encoder_schedule: Literal["two_encoder", "tuned"] = "two_encoder"
+    prefix_cache: Literal["none", "lazy", "prefill"] = "none"
     uncond: Literal["original", "tuned"] = "tuned"
 
 
@@ -62,11 +63,12 @@ class RewardTerm:
     type: str | None = None  # registry name or "package.module:Class"; defaults to the term's key
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
+    target: float | None = None  # hinge: no reward for going above this value (limits reward hacking)
 
 
 @dataclass
 class RewardsConfig:
-    offload: Literal["cpu", "none"] = "cpu"
+    offload: Literal["cpu", "none", "sequential"] = "cpu"
     terms: dict[str, RewardTerm] = field(default_factory=lambda: {"clip": RewardTerm(weight=1.0)})
 
 
@@ -89,6 +91,8 @@ class MemoryConfig:
     attention: Literal["sdpa", "xformers", "auto"] = "sdpa"
     checkpoint_unet: bool = True
     checkpoint_vae: bool = True
+    plan: Literal["manual", "auto"] = "manual"  # auto: choose memory switches so the estimate fits vram_gb
+    vram_gb: float | None = field(default=None, metadata=_range(1.0, 1024.0))
 
 
 @dataclass
@@ -124,6 +128,16 @@ class LoggingConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a mountain lake at sunset"])
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1])
     progress: bool = True
+    tensorboard: bool = False  # also log to <output.dir>/tensorboard when the tensorboard package is installed
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(default=0, metadata=_range(0))  # held-out evaluation every N steps; 0 disables
+    prompts: str = "builtin:heldout"
+    num_prompts: int = field(default=8, metadata=_range(1))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    patience: int = field(default=0, metadata=_range(0))  # early stop after N evals without improvement; 0: never
 
 
 @dataclass
@@ -138,6 +152,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,6 +284,14 @@ def _check_combinations(cfg: Config, problems: list[str]) -> None:
             problems.append(f"sampling.{dim}: {getattr(s, dim)} is not a multiple of 8 (the VAE downsamples by 8)")
     if cfg.memory.device == "cpu" and cfg.memory.precision == "fp16":
         problems.append("memory.precision: fp16 needs a CUDA GPU; on the CPU use bf16 or fp32 (or precision: auto)")
+    if cfg.sampling.prefix_cache != "none" and cfg.sampling.encoder_schedule != "two_encoder":
+        problems.append("sampling.prefix_cache: needs sampling.encoder_schedule=two_encoder (only then do the early steps not depend on the trained weights)")
+    if cfg.sampling.prefix_cache != "none" and cfg.sampling.scheduler == "dpm++":
+        problems.append("sampling.prefix_cache: DPM++ carries a multistep history the cached latent does not hold; use ddim or euler")
+    if cfg.sampling.prefix_cache != "none" and cfg.sampling.grad_steps_min is not None:
+        problems.append("sampling.prefix_cache: random truncation (grad_steps_min) changes where the prefix ends; unset one of them")
+    if cfg.memory.plan == "auto" and cfg.memory.vram_gb is None:
+        problems.append("memory.vram_gb: memory.plan=auto needs the card's memory in GB, e.g. memory.vram_gb=8")
     if cfg.memory.device == "cpu" and cfg.memory.attention == "xformers":
         problems.append("memory.attention: xformers needs a CUDA GPU; use sdpa (or auto)")
     if cfg.lora.mode == "lora" and not cfg.lora.targets:

@@ -84,7 +84,7 @@ class Recipe:
         self.text_encoder, self.conditioner = self._setup_text_encoder(comps)
         self.params = trainable_parameters(self.text_encoder)
         self.rewards = RewardMix(
-            [(label, build_reward(term.type or label, args=term.args), term.weight)
+            [(label, build_reward(term.type or label, args=term.args, target=term.target), term.weight)
              for label, term in cfg.rewards.terms.items() if term.weight != 0],
             device=p.device, dtype=p.weight_dtype, offload=cfg.rewards.offload)
         self.sampler = PromptSampler(prompts, cfg.train.batch_size, cfg.train.seed)
