@@ -12,7 +12,7 @@ os.environ.setdefault("TC_LITE_CACHE", os.path.join(os.path.expanduser("~"), ".c
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models: thread overhead outweighs parallelism, and tests must not fight for cores
 
 
 @pytest.fixture(autouse=True)

@@ -16,18 +16,37 @@ Optionally a reward exposes ``module()`` returning the frozen ``nn.Module`` that
 cast to the compute dtype (fp16/bf16), so cast the incoming float32 images to the module's dtype. A plain
 function or object works too; its module is moved but keeps its own dtype.
 
-Built-in rewards (``build_reward(name, args=...)``): ``aesthetic`` (LAION aesthetic predictor v2, ~1-10;
-args ``clip_model``, ``head``), ``clip`` (100 x CLIP cosine similarity to the prompt; arg ``model``), ``color``
-(synthetic, weight-free, for offline demos; arg ``target``: [r, g, b]). Custom rewards:
-``"package.module:ClassName"``, constructed with the reward's ``args`` as keyword arguments.
+Built-in rewards (``build_reward(name, args=..., target=...)``), each returning the number its authors publish:
 
-``RewardMix`` combines rewards into ``total = sum(weight * reward)`` and returns each part for logging.
+* ``aesthetic``: LAION aesthetic predictor v2, ~1-10; args ``clip_model``, ``head``;
+* ``clip``: 100 x CLIP cosine similarity to the prompt, ~15-35; args ``model`` (transformers CLIP, or an OpenCLIP
+  checkpoint file with ``arch``), ``arch``, ``tokenizer``;
+* ``pickscore``: PickScore_v1, ``logit_scale.exp() * cos``, ~17-23; args ``model``, ``processor``;
+* ``hpsv2``: HPSv2 / HPSv2.1 cosine, ~0.25-0.30; args ``version`` (v2.0 | v2.1), ``checkpoint``, ``tokenizer``,
+  ``arch`` (OpenCLIP checkpoints converted to transformers by ``tc_lite.rewards.openclip``);
+* ``color``: synthetic, weight-free, for offline demos; arg ``target``: [r, g, b].
+
+Custom rewards: ``"package.module:ClassName"``, constructed with the reward's ``args`` as keyword arguments.
+``target=`` caps a reward at that value (``HingedReward``: no reward and no gradient above it). The scalings of
+TextCraftor's code (CLIP x100 built in; aesthetic x3, HPS x100 in the weights) are in docs/rewards.md.
+
+``RewardMix`` combines rewards into ``total = sum(weight * reward)`` and returns each part for logging; offload
+``cpu`` | ``none`` | ``sequential`` (layer by layer, accelerate hooks).
 """
 
-from tc_lite.rewards.base import Reward, RewardFn
+from tc_lite.rewards.base import HingedReward, Reward, RewardFn
 from tc_lite.rewards.mix import RewardMix
 from tc_lite.rewards.offload import on_device
 from tc_lite.rewards.preprocess import clip_preprocess
 from tc_lite.rewards.registry import build_reward, known_rewards
 
-__all__ = ["Reward", "RewardFn", "RewardMix", "build_reward", "clip_preprocess", "known_rewards", "on_device"]
+__all__ = [
+    "HingedReward",
+    "Reward",
+    "RewardFn",
+    "RewardMix",
+    "build_reward",
+    "clip_preprocess",
+    "known_rewards",
+    "on_device",
+]

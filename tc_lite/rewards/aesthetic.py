@@ -5,9 +5,12 @@ Linear(1024,128), Dropout(0.2), Linear(128,64), Dropout(0.1), Linear(64,16), Lin
 the ``linearMSE`` weights, so the state-dict keys are ``layers.{0,2,4,6,7}.{weight,bias}``. The embedding is
 OpenAI CLIP's ``encode_image`` output, i.e. transformers' vision tower + ``visual_projection``. The full
 ``CLIPModel`` is loaded (``CLIPVisionModelWithProjection`` would silently re-initialise the projection when the
-projection width sits only in the top-level config) and its text tower is dropped straight away.
+projection width sits only in the top-level config) and its text tower is dropped straight away. When a ``clip``
+reward already holds the same CLIP model (same hub id or folder), its vision tower is reused instead of loading a
+second copy (``loading.shared_vision``).
 
-TextCraftor's code multiplies this score by 3 internally; here that belongs in the reward's weight.
+TextCraftor's code multiplies this score by 3 internally (``loss_aes = -3 * weight * prediction``); here that
+belongs in the reward's weight (docs/rewards.md).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 
 from tc_lite.errors import UserError
 from tc_lite.rewards.base import Reward
-from tc_lite.rewards.loading import load_pretrained, resolve_file
+from tc_lite.rewards.loading import load_pretrained, read_state_dict, require, resolve_file, share_vision, shared_vision
 from tc_lite.rewards.preprocess import clip_preprocess
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -50,28 +53,9 @@ class AestheticHead(nn.Module):
         return self.layers(embeds)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a Lightning checkpoint of the same MLP
-    if not isinstance(state, dict):
-        raise TypeError(f"expected a state dict, found {type(state).__name__}")
-    return state
-
-
 def load_head(path: Path, *, reward: str = "aesthetic") -> AestheticHead:
     """Load and check a head file; its input width is read from ``layers.0.weight``."""
-    try:
-        state = _read_state_dict(path)
-    except Exception as err:
-        raise UserError(
-            f"reward '{reward}': cannot read head file '{path}' ({type(err).__name__}: {err}). It must be a "
-            f"plain state dict (.pth/.pt via torch.save, or .safetensors)."
-        ) from err
+    state = read_state_dict(path, reward=reward, key="head")
     expected = {f"layers.{i}.{p}" for i in _LINEAR_INDICES for p in ("weight", "bias")}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     first = state.get("layers.0.weight")
@@ -110,20 +94,26 @@ class AestheticReward(Reward):
     name = "aesthetic"
 
     def __init__(self, clip_model: str = DEFAULT_CLIP_MODEL, head: str = DEFAULT_HEAD):
-        from transformers import CLIPModel
-
+        require("transformers", reward=self.name, install="pip install transformers")
         mlp = load_head(resolve_file(head, reward=self.name, key="head"), reward=self.name)  # cheap: check first
-        clip = load_pretrained(CLIPModel, clip_model, reward=self.name, key="clip_model", what="CLIP model")
-        proj_dim = int(clip.visual_projection.out_features)
+        found = shared_vision(clip_model)
+        if found is None:
+            from transformers import CLIPModel
+
+            clip = load_pretrained(CLIPModel, clip_model, reward=self.name, key="clip_model", what="CLIP model")
+            share_vision(clip_model, clip)
+            found = clip.vision_model, clip.visual_projection
+            del clip  # the text tower goes with it
+        vision_model, visual_projection = found
+        proj_dim = int(visual_projection.out_features)
         in_dim = mlp.layers[0].in_features
         if proj_dim != in_dim:
             raise UserError(
                 f"reward '{self.name}': head '{head}' expects {in_dim}-d CLIP embeddings but clip_model "
                 f"'{clip_model}' gives {proj_dim}-d ones; the v2 head needs openai/clip-vit-large-patch14."
             )
-        self.image_size = int(clip.config.vision_config.image_size)
-        net = AestheticNet(clip.vision_model, clip.visual_projection, mlp)
-        del clip  # the text tower goes with it
+        self.image_size = int(vision_model.config.image_size)
+        net = AestheticNet(vision_model, visual_projection, mlp)
         self.net = net.eval().requires_grad_(False)
 
     def module(self) -> nn.Module:

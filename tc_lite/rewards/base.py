@@ -84,3 +84,41 @@ def as_reward(obj: object, name: str) -> Reward:
     if not callable(obj):
         raise TypeError(f"{name} is not callable")
     return CallableReward(obj, name)  # type: ignore[arg-type]
+
+
+class HingedReward(Reward):
+    """``min(score, target)``: a reward capped at ``target`` (the config's per-term ``target``).
+
+    Below the target it is the wrapped reward, gradient and all; at or above it the score stays at ``target`` and
+    the gradient is zero, so the text encoder gains nothing by pushing the reward further (which is where reward
+    hacking lives: over-saturated "aesthetic" images, repeated objects for HPSv2). ``target`` is in the reward's
+    own units (aesthetic ~1-10, clip ~15-35, pickscore ~17-23, hpsv2 ~0.25-0.30) and applies before the weight.
+    The logged part is the capped score. The wrapped reward's weights, offload and other attributes
+    (``image_embeds``, ...) are the inner reward's.
+    """
+
+    def __init__(self, inner: Reward, target: float):
+        self.inner = inner
+        self.target = float(target)
+        self.name = inner.name
+
+    def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        scores = self.inner(images, prompts)
+        if not isinstance(scores, torch.Tensor):
+            return scores  # let the mix report the contract violation with the reward's name
+        return scores.clamp(max=self.target)
+
+    def module(self) -> nn.Module | None:
+        return self.inner.module()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Reward:
+        self.inner.to(device, dtype)
+        return self
+
+    def __getattr__(self, attr: str):
+        if attr == "inner":  # not set yet (during unpickling): avoid infinite recursion
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def __repr__(self) -> str:
+        return f"HingedReward({self.inner!r}, target={self.target:g})"

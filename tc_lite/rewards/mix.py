@@ -16,6 +16,12 @@ image's score depends only on that image (true for all built-in rewards) or the 
 instead of all of them. Consequences: call ``backward`` on ``total`` at most once per call, and reward
 parameters receive no gradient (reward models are frozen).
 
+**Offload modes.** ``cpu``: each model moves to the device for its own scoring window (``on_device``), one at a
+time. ``none``: every model lives on the device. ``sequential``: layer by layer through accelerate hooks
+(``offload.attach_sequential``), for the smallest cards: at most one layer's weights on the device at any time, at
+the price of a host-to-device copy of every layer per forward and per backward recomputation. The mix owns the
+hooked models: ``close()`` removes the hooks and gives the weights back.
+
 **Dtypes.** Every reward receives the images as float32 on the compute device (preprocessing is precise and
 cheap at 224 px); built-in rewards cast their 224 px pixel tensor to their model's dtype, which the mix sets to
 ``dtype``. Scores come back as float32. Code runs fine under an enclosing ``torch.autocast``. When the reward
@@ -32,9 +38,16 @@ import torch
 
 from tc_lite.errors import UserError
 from tc_lite.rewards.base import Reward, as_reward
-from tc_lite.rewards.offload import normalize_device, on_device, pin_memory
+from tc_lite.rewards.offload import (
+    attach_sequential,
+    detach_sequential,
+    normalize_device,
+    on_device,
+    pin_memory,
+    sequential_window,
+)
 
-OFFLOAD_MODES = ("cpu", "none")
+OFFLOAD_MODES = ("cpu", "none", "sequential")
 _FP16_GRAD_SCALE = 1024.0
 
 
@@ -105,13 +118,40 @@ class RewardMix:
         self.entries: list[tuple[str, Reward, float]] = [
             (name, as_reward(reward, name), _check_weight(name, weight)) for name, reward, weight in entries
         ]
-        home = torch.device("cpu") if offload == "cpu" else self.device
+        if offload == "sequential":
+            try:
+                import accelerate  # noqa: F401
+            except ImportError as err:
+                raise UserError(
+                    "rewards.offload: sequential needs the package 'accelerate', which is not installed. "
+                    "Install it with: pip install accelerate (or use rewards.offload: cpu)."
+                ) from err
+        home = self.device if offload == "none" else torch.device("cpu")
         self._non_blocking = offload == "cpu" and self.device.type == "cuda"
+        self._hooked: list = []
         for _, reward, _ in self.entries:
             reward.to(home, dtype)
             module = reward.module()
             if self._non_blocking and module is not None:
                 pin_memory(module)
+        if offload == "sequential":  # after every reward is placed: a tower shared by two rewards is hooked once
+            for _, reward, _ in self.entries:
+                module = reward.module()
+                if module is not None:
+                    attach_sequential(module, self.device)
+                    self._hooked.append(module)
+
+    def close(self) -> None:
+        """Give hooked models back (``offload: sequential``): hooks removed, weights restored on the CPU."""
+        for module in self._hooked:
+            detach_sequential(module)
+        self._hooked = []
+
+    def _window(self, reward: Reward):
+        """Where a reward's model is while it scores: moved for the call (cpu; a no-op for none) or hooked."""
+        if self.offload == "sequential":
+            return sequential_window(reward.module())
+        return on_device(reward.module(), self.device, non_blocking=self._non_blocking)
 
     def _inner_grad_scale(self) -> float:
         """Loss scale for the reward's own backward: needed whenever it runs in float16 (weights or autocast)."""
@@ -166,7 +206,7 @@ class RewardMix:
         grad_sum = torch.zeros_like(x) if want_grad else None
         parts: dict[str, torch.Tensor] = {}
         for name, reward, weight in self.entries:
-            with on_device(reward.module(), self.device, non_blocking=self._non_blocking):
+            with self._window(reward):
                 scores, grad = self._score(name, reward, x, prompts, want_grad and weight != 0.0)
             scores = scores.to(self.device)
             parts[name] = scores

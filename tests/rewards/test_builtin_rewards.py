@@ -102,3 +102,34 @@ def test_color_reward_measures_progress_from_grey_to_target():
 def test_color_rejects_bad_target(target):
     with pytest.raises(UserError, match=r"reward 'color': target"):
         build_reward("color", args={"target": target})
+
+
+@pytest.mark.parametrize("clip_first", [True, False])
+def test_aesthetic_and_clip_share_one_vision_tower(tiny_clip_dir, tiny_head_path, tiny_clip_model, clip_first):
+    def clip():
+        return build_reward("clip", args={"model": str(tiny_clip_dir)})
+
+    def aesthetic():
+        return build_reward("aesthetic", args={"clip_model": str(tiny_clip_dir), "head": str(tiny_head_path)})
+
+    first, second = (clip(), aesthetic()) if clip_first else (aesthetic(), clip())
+    c, a = (first, second) if clip_first else (second, first)
+    assert a.net.vision_model is c.model.vision_model and a.net.visual_projection is c.model.visual_projection
+    fresh = tiny_clip_model.vision_model.state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in c.model.vision_model.state_dict().items())  # the same weights
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # both still compute what they computed alone
+        m = tiny_clip_model
+        pooled = m.vision_model(pixel_values=clip_preprocess(images)).pooler_output
+        ref = F.normalize(m.visual_projection(pooled), dim=-1)
+        torch.testing.assert_close(c.image_embeds(images), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_vision_tower_is_not_shared_across_different_models(tiny_clip_dir, tiny_head_path, tmp_path):
+    import shutil
+
+    copy = tmp_path / "other_clip"
+    shutil.copytree(tiny_clip_dir, copy)
+    c = build_reward("clip", args={"model": str(tiny_clip_dir)})
+    a = build_reward("aesthetic", args={"clip_model": str(copy), "head": str(tiny_head_path)})
+    assert a.net.vision_model is not c.model.vision_model

@@ -163,7 +163,7 @@ def test_weights_must_be_finite_numbers(weight):
 
 
 def test_mix_configuration_errors():
-    with pytest.raises(UserError, match=r"offload must be one of \['cpu', 'none'\]"):
+    with pytest.raises(UserError, match=r"offload must be one of \['cpu', 'none', 'sequential'\]"):
         RewardMix([("linear", Linear(), 1.0)], "cpu", offload="gpu")
     with pytest.raises(UserError, match=r"repeated: \['linear'\]"):
         RewardMix([("linear", Linear(), 1.0), ("linear", Linear(), 2.0)], "cpu")
@@ -207,12 +207,15 @@ def test_cuda_offload_matches_cpu_and_leaves_the_gpu(tiny_clip_dir, tiny_head_pa
     total.sum().backward()
     expected = theta.grad
 
-    for offload in ("cpu", "none"):
+    for offload in ("cpu", "none", "sequential"):
         theta, images = _upstream()
         mix = RewardMix(entries(), "cuda", offload=offload)
         total, _ = mix(images.cuda(), prompts)
         total.sum().backward()
         torch.testing.assert_close(theta.grad, expected, rtol=1e-3, atol=1e-6)
-        home = "cpu" if offload == "cpu" else "cuda"
+        home = {"cpu": "cpu", "none": "cuda", "sequential": "meta"}[offload]  # sequential: weights in CPU hooks
+        for _, reward, _ in mix.entries:  # (the root's own tensors, e.g. logit_scale, stay on the device)
+            assert {p.device.type for n, p in reward.module().named_parameters() if "." in n} == {home}
+        mix.close()
         for _, reward, _ in mix.entries:
-            assert {p.device.type for p in reward.module().parameters()} == {home}
+            assert "meta" not in {p.device.type for p in reward.module().parameters()}
