@@ -16,6 +16,11 @@ from .errors import UserError
 # Modules that contribute sub-commands (each has `register(subparsers)`).
 COMMAND_MODULES = [
     "tc_lite.cli",
+    "tc_lite.commands.eval",
+    "tc_lite.commands.plot",
+    "tc_lite.commands.export",
+    "tc_lite.commands.sample",
+    "tc_lite.commands.bench",
 ]
 
 

@@ -162,8 +162,8 @@ class Recipe:
         total, parts = self.rewards(images, prompts)
         loss = -total.mean() / self.cfg.train.grad_accum
         self.precision.scaler.scale(loss).backward()
-        stats.loss += float(loss)
-        stats.reward += float(total.mean()) / self.cfg.train.grad_accum
+        stats.loss += loss.item()
+        stats.reward += total.mean().item() / self.cfg.train.grad_accum
         for name, v in parts.items():
             stats.parts[name] = stats.parts.get(name, 0.0) + float(v.mean()) / self.cfg.train.grad_accum
         stats.grad_steps.append(k)
@@ -340,20 +340,32 @@ class Recipe:
         return path
 
     def export(self) -> Path:
+        """Write the run's result: the kohya LoRA, or for `lora.mode: full` the whole encoder (canonical names).
+
+        The full encoder is written with `text_model.…` names whatever transformers builds (the §3 trap), and in
+        fp32 when `output.save_precision` would round away more than 1% of the weight change (a full fine-tune at
+        lr 1e-6 moves weights below fp16's resolution, so an fp16 file could silently be the base model).
+        """
+        from .export import encoder_state_dict, export_encoder, save_dtype_of, update_retention
+
         cfg = self.cfg
+        dtype = save_dtype_of(cfg.output.save_precision)
         if cfg.lora.mode == "full":
-            path = self.out / f"{cfg.output.name}_text_encoder.safetensors"
-            sd = {k: v.detach().to(torch.float16 if cfg.output.save_precision == "fp16" else v.dtype).contiguous().cpu()
-                  for k, v in self.text_encoder.state_dict().items()}
-            save_safetensors_atomic(sd, path, metadata={"tc_lite_config": json.dumps(cfg.to_dict())})
-            return path
+            tuned = encoder_state_dict(self.text_encoder)
+            lost = update_retention(tuned, encoder_state_dict(self.conditioner.original_encoder), dtype)
+            if lost > 0.01 and dtype != torch.float32:
+                self.log(f"output.save_precision={cfg.output.save_precision} would lose {lost:.1%} of the encoder's "
+                         "weight change to rounding; writing fp32 instead")
+                dtype = torch.float32
+            return export_encoder(tuned, self.out / f"{cfg.output.name}_text_encoder.safetensors", save_dtype=dtype,
+                                  config=self.text_encoder.config,
+                                  metadata={"tc_lite_config": json.dumps(cfg.to_dict()),
+                                            "tc_lite_base_model": cfg.model.source, "tc_lite_steps": self.step})
         meta = kohya_metadata(
             output_name=cfg.output.name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, lr=cfg.optim.lr,
             seed=cfg.train.seed, steps=self.step, mixed_precision=self.precision.name, optimizer=cfg.optim.name,
-            extra={"tc_lite_config": json.dumps(cfg.to_dict())})
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.output.save_precision]
+            base_model=cfg.model.source, extra={"tc_lite_config": json.dumps(cfg.to_dict())})
         return export_kohya(self.text_encoder, self.out / f"{cfg.output.name}.safetensors", metadata=meta, save_dtype=dtype)
-
 
 class Interrupted(UserError):
     """Ctrl-C or SIGTERM: the run saved a checkpoint and stopped; exit code 128 + signal, as shells expect."""

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from tc_lite.models import freeze_and_cast
 from tc_lite.lora import add_lora, lora_disabled, trainable_parameters
 from tc_lite.sampling import DenoisePlan, Denoiser, TextConditioner, make_scheduler
 
@@ -16,6 +17,7 @@ PROMPTS = ["a red square", "a blue circle"]
 @pytest.fixture()
 def setup(tiny_components):
     comps = copy.deepcopy(tiny_components)
+    freeze_and_cast(comps, torch.float32)  # as the recipe does: everything frozen, then the LoRA
     te = add_lora(comps.text_encoder, rank=4, alpha=4.0, targets=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     with torch.no_grad():  # non-zero LoRA so the tuned and original encoders differ
         for n, p in te.named_parameters():
