@@ -29,7 +29,12 @@ import torch
 from tc_lite import __version__
 from tc_lite.errors import UserError
 from tc_lite.io import save_json_atomic, save_safetensors_atomic
-from tc_lite.lora import DEFAULT_TARGETS, KOHYA_TE_PREFIX, _parse_kohya, kohya_state_dict
+from tc_lite.lora import (
+    DEFAULT_TARGETS,
+    KOHYA_TE_PREFIX,
+    _parse_kohya,
+    kohya_state_dict,
+)
 
 __all__ = [
     "Extraction",
@@ -499,8 +504,8 @@ def _lora_config_kwargs(groups: list, rank: int, module_prefix: str) -> dict[str
     # proj names match every layer; exact paths only when the LoRA covers some layers but not others
     targets = projs if every else [f"{module_prefix}encoder.layers.{k[0]}.{k[1]}.{k[2]}" for k, *_ in groups]
     pattern = {f"{module_prefix}encoder.layers.{k[0]}.{k[1]}.{k[2]}": a for k, _, _, a in groups if a != common}
-    return dict(r=rank, lora_alpha=common, target_modules=targets, alpha_pattern=pattern, lora_dropout=0.0,
-                bias="none")
+    return {"r": rank, "lora_alpha": common, "target_modules": targets, "alpha_pattern": pattern,
+            "lora_dropout": 0.0, "bias": "none"}
 
 
 def export_peft(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike[str], *,

@@ -26,7 +26,6 @@ from .data import PromptSampler, load_prompts
 from .decode import configure_vae, decode
 from .errors import UserError
 from .export import export_kohya, kohya_metadata
-from .io import save_safetensors_atomic
 from .lora import add_lora, enable_full_finetune, lora_disabled, trainable_parameters
 from .models import freeze_and_cast, load_components
 from .optim import build_optimizer, build_schedule
