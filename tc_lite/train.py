@@ -33,6 +33,7 @@ from .outputs import MetricsLog, ProgressBar, make_grid
 from .precision import resolve_precision, set_attention
 from .rewards import RewardMix, build_reward
 from .sampling import Cond, DenoisePlan, Denoiser, TextConditioner, make_scheduler
+from .tracking import HeldOutEval, make_tracker
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +96,9 @@ class Recipe:
         self.bad_steps = 0
         self._resume()
         save_config(cfg, self.out / "config.yaml")
+        self.tracker = make_tracker(cfg.logging.tensorboard, self.out / "tensorboard", log=self.log)
+        self.evaluator = HeldOutEval(cfg.eval, self.out, log=self.log, resume_step=self.step, train_prompts=prompts,
+                                     batch_size=cfg.train.batch_size)
         n_train = sum(x.numel() for x in self.params)
         self.log(f"tc-lite: {comps.source} on {p.device} ({p.name}, attention {self.attention}); "
                  f"{cfg.lora.mode} with {n_train:,} trainable parameters; {len(prompts)} prompts; "
@@ -255,6 +259,7 @@ class Recipe:
         bar = ProgressBar(total=cfg.train.steps, initial=self.step, enabled=cfg.logging.progress)
         if cfg.logging.sample_every and self.step == 0:
             self.save_samples(0)
+        self.evaluate(self.step)  # step 0: the base model's held-out reward, the bar to beat
         t_last = time.perf_counter()
         with self._signals():
             while self.step < cfg.train.steps:
@@ -263,9 +268,11 @@ class Recipe:
                 record["sec"], t_last = now - t_last, now
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
                     metrics.write(record)
+                    self.tracker.log_scalars(record, self.step)
                 bar.update(record)
                 if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
                     self.save_samples(self.step)
+                stop_early = self.evaluate(self.step)
                 every = cfg.train.checkpoint_every
                 if self._stop_signal is not None or (every and self.step % every == 0 and self.step < cfg.train.steps):
                     path = self.save_checkpoint()
@@ -274,13 +281,49 @@ class Recipe:
                     metrics.close()
                     raise Interrupted(f"stopped at step {self.step}; checkpoint {path}. "
                                       f"Run the same command again to resume (train.resume: auto).", self._stop_signal)
+                if stop_early:
+                    self.log(self.evaluator.stop_message())
+                    break
         bar.close()
-        if cfg.logging.sample_every and cfg.train.steps % cfg.logging.sample_every:
+        if cfg.logging.sample_every and self.step % cfg.logging.sample_every:
             self.save_samples(self.step)
         path = self.export()
         metrics.close()
+        self.tracker.close()
+        self.write_plots()
         self.log(f"done: {path}")
         return path
+
+    def evaluate(self, step: int) -> bool:
+        """Held-out evaluation when `eval.every` says so (see tc_lite.tracking); True when early stopping says stop.
+
+        A new best is also exported as `<name>_best.safetensors` when early stopping is on, so stopping after
+        `eval.patience` worse evaluations still leaves the best weights (the final file holds the last ones).
+        """
+        record = self.evaluator.maybe_evaluate(step, self.render_eval, self.rewards)
+        if record is not None:
+            self.tracker.log_scalars(record, step, prefix="eval/")
+            if record["best"] and step > 0 and self.cfg.eval.patience:
+                self.export(self.out / f"{self.cfg.output.name}_best.safetensors")
+        return self.evaluator.should_stop
+
+    def render_eval(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """`render` with the encoder in eval mode (no LoRA dropout), as the sample grids use it."""
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        try:
+            return self.render(prompts, seeds)
+        finally:
+            self.text_encoder.train(was_training)
+
+    def write_plots(self) -> None:
+        """Reward/loss curves to <out>/plots (also `python -m tc_lite plot`); a plot never fails a finished run."""
+        from .plots import plot_run
+
+        try:
+            plot_run(self.out)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"plots skipped: {e}")
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (grad_accum micro-steps); returns its metrics record."""
@@ -330,15 +373,13 @@ class Recipe:
 
     def save_samples(self, step: int) -> Path:
         lg = self.cfg.logging
-        was_training = self.text_encoder.training
-        self.text_encoder.eval()
-        images = self.render(lg.sample_prompts, lg.sample_seeds)
-        self.text_encoder.train(was_training)
+        images = self.render_eval(lg.sample_prompts, lg.sample_seeds)
         path = self.out / "samples" / f"step_{step:06d}.png"
-        make_grid(images, rows=len(lg.sample_prompts), labels=lg.sample_prompts, path=path)
+        grid = make_grid(images, rows=len(lg.sample_prompts), labels=lg.sample_prompts, path=path)
+        self.tracker.log_image("samples", grid, step)
         return path
 
-    def export(self) -> Path:
+    def export(self, path: Path | None = None) -> Path:
         """Write the run's result: the kohya LoRA, or for `lora.mode: full` the whole encoder (canonical names).
 
         The full encoder is written with `text_model.…` names whatever transformers builds (the §3 trap), and in
@@ -356,15 +397,16 @@ class Recipe:
                 self.log(f"output.save_precision={cfg.output.save_precision} would lose {lost:.1%} of the encoder's "
                          "weight change to rounding; writing fp32 instead")
                 dtype = torch.float32
-            return export_encoder(tuned, self.out / f"{cfg.output.name}_text_encoder.safetensors", save_dtype=dtype,
-                                  config=self.text_encoder.config,
+            path = path or self.out / f"{cfg.output.name}_text_encoder.safetensors"
+            return export_encoder(tuned, path, save_dtype=dtype, config=self.text_encoder.config,
                                   metadata={"tc_lite_config": json.dumps(cfg.to_dict()),
                                             "tc_lite_base_model": cfg.model.source, "tc_lite_steps": self.step})
         meta = kohya_metadata(
             output_name=cfg.output.name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, lr=cfg.optim.lr,
             seed=cfg.train.seed, steps=self.step, mixed_precision=self.precision.name, optimizer=cfg.optim.name,
             base_model=cfg.model.source, extra={"tc_lite_config": json.dumps(cfg.to_dict())})
-        return export_kohya(self.text_encoder, self.out / f"{cfg.output.name}.safetensors", metadata=meta, save_dtype=dtype)
+        return export_kohya(self.text_encoder, path or self.out / f"{cfg.output.name}.safetensors", metadata=meta,
+                            save_dtype=dtype)
 
 class Interrupted(UserError):
     """Ctrl-C or SIGTERM: the run saved a checkpoint and stopped; exit code 128 + signal, as shells expect."""
