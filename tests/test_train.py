@@ -38,7 +38,7 @@ def test_tiny_preset_learns_and_writes_outputs(tmp_path, tiny_components):
     assert {"step", "loss", "reward", "reward/redness", "grad_norm", "lr"} <= set(rows[0])
     first = sum(r["reward"] for r in rows[:10]) / 10
     last = sum(r["reward"] for r in rows[-10:]) / 10
-    assert last - first > 0.03, (first, last)  # measured: see the closing note / README
+    assert last - first > 0.04, (first, last)  # measured +0.072 (-0.024 -> +0.048) with tiny-v2
     # Outputs at predictable paths.
     assert lora_path == out / "tiny_cpu.safetensors"
     sd = load_file(lora_path)

@@ -39,7 +39,11 @@ _HUB_PATTERNS = [
     "unet/diffusion_pytorch_model-*-of-*.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
 ]
-_HUB_PICKLE_PATTERNS = ["text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin"]
+_HUB_PICKLE_PATTERNS = [
+    "text_encoder/pytorch_model.bin",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/diffusion_pytorch_model.bin",
+]
 
 
 def sd15_config_dir() -> Path:
@@ -72,7 +76,9 @@ def load_components(
     `config_dir` (single files only) is a diffusers folder describing the architecture, default SD1.5's;
     `revision` applies to hub ids only; `allow_pickle` permits `.ckpt`/`.bin` files, which can run code on load.
     """
-    source = str(source)
+    source = str(source).strip()
+    if not source:
+        raise UserError("model.source is empty: set it to 'tiny', a hub id, a diffusers folder or a .safetensors file.")
     path = Path(source).expanduser()
     if revision is not None and (source == "tiny" or path.exists()):
         warnings.warn(f"model.revision={revision!r} is ignored: {source!r} is not a hub id", stacklevel=2)
@@ -102,8 +108,9 @@ def freeze_and_cast(components: SDComponents, dtype: torch.dtype) -> None:
 
 
 def _cast(components: SDComponents, dtype: torch.dtype) -> None:
+    """Cast only what differs: diffusers warns on every `.to(dtype)`, even a no-op one."""
     for module in (components.text_encoder, components.unet, components.vae, components.text_encoder_2):
-        if module is not None:
+        if module is not None and any(p.dtype != dtype for p in module.parameters()):
             module.to(dtype=dtype)
 
 

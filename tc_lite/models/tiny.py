@@ -242,8 +242,8 @@ def synthetic_dataset() -> tuple[torch.Tensor, torch.Tensor]:
 def _pretrain(c: SDComponents, seed: int) -> dict[str, float]:
     """Train the VAE, then the UNet (and text encoder); returns the final losses. Uses a private, seeded RNG.
 
-    Runs on one CPU thread: these ops are too small to gain from more (measured: 1 thread 120 ms/step, 2 threads
-    154 ms), and two threads per process on a shared 2-core machine ran ~100x slower from spinning.
+    Runs on one CPU thread: the ops are too small to gain from more (on a 2-core box one UNet step took 120 ms on
+    1 thread, 154 ms on 2), and with 2 threads next to other busy processes a step took ~100x longer (spin-waiting).
     """
     images, pid = synthetic_dataset()
     threads = torch.get_num_threads()

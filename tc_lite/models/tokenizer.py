@@ -11,9 +11,13 @@ import gzip
 import importlib.util
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tc_lite.errors import UserError
 from tc_lite.models._cache import atomic_dir, cache_root
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 MODEL_MAX_LENGTH = 77  # SD1 pads/truncates to 77; saving it matters (other programs pad to model_max_length)
 _NUM_MERGES = 49152 - 256 - 2  # = 48,894: the merges CLIP actually uses
@@ -85,7 +89,7 @@ def clip_tokenizer_dir() -> Path:
     return atomic_dir(cache_root() / _FOLDER, _write_tokenizer_files)
 
 
-def clip_tokenizer():
+def clip_tokenizer() -> CLIPTokenizer:
     """SD1.x's `CLIPTokenizer` (49,408 tokens, `model_max_length=77`), with no network access.
 
     A fresh instance each call (loading takes ~40 ms), so a caller that adds tokens does not change anyone else's.

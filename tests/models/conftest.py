@@ -23,7 +23,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny(tiny_components: SDComponents) -> SDComponents:
-    """The suite-wide pretrained tiny model (tests/conftest.py). Read-only: tests that modify a model build their own."""
+    """The suite's pretrained tiny model (tests/conftest.py); read-only: tests that modify a model build their own."""
     return tiny_components
 
 

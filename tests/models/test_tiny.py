@@ -25,8 +25,9 @@ def test_shapes_and_sd1_structure(tiny):
     assert tiny.text_encoder.config.vocab_size == 49408 and tiny.text_encoder.config.max_position_embeddings == 77
     assert tiny.unet.config.cross_attention_dim == tiny.text_encoder.config.hidden_size
     names = {n for n, _ in tiny.text_encoder.named_modules()}
+    targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
     for layer in range(tiny.text_encoder.config.num_hidden_layers):  # the names LoRA targets and kohya keys use
-        for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+        for mod in targets:
             assert f"encoder.layers.{layer}.{mod}" in names
     sched = tiny.scheduler.config
     assert type(tiny.scheduler).__name__ == "DDIMScheduler"
