@@ -35,7 +35,7 @@ class InfiniteGradient:
 def start(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "run.py", str(TINY), f"output.dir={out}", *COMMON, *extra], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
 def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> None:

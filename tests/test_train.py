@@ -89,7 +89,7 @@ def test_finished_run_is_not_overwritten(tmp_path, tiny_components):
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):
