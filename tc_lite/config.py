@@ -91,6 +91,7 @@ class MemoryConfig:
     attention: Literal["sdpa", "xformers", "auto"] = "sdpa"
     checkpoint_unet: bool = True
     checkpoint_vae: bool = True
+    cpu_threads: int | None = field(default=None, metadata=_range(1, 1024))  # CPU runs: torch threads (null: default)
     plan: Literal["manual", "auto"] = "manual"  # auto: choose memory switches so the estimate fits vram_gb
     vram_gb: float | None = field(default=None, metadata=_range(1.0, 1024.0))
 

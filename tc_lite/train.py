@@ -69,6 +69,8 @@ class Recipe:
         cfg = self.cfg
         self._prepare_output_dir()
         self.precision = p = resolve_precision(cfg.memory)
+        if p.device.type == "cpu" and cfg.memory.cpu_threads:
+            torch.set_num_threads(cfg.memory.cpu_threads)
         seed_everything(cfg.train.seed)
         prompts = load_prompts(cfg.data.prompts, column=cfg.data.column)
 

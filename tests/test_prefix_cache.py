@@ -1,0 +1,174 @@
+"""The prefix cache: exact tails, keys that notice every setting, stale entries never reused, learning still works."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tc_lite.config import load_config
+from tc_lite.decode import decode
+from tc_lite.lora import add_lora, lora_disabled
+from tc_lite.prefix_cache import (
+    PrefixCache,
+    cached_generate_latents,
+    for_recipe,
+    noise_seed,
+    prefix_identity,
+    weights_fingerprint,
+)
+from tc_lite.sampling import DenoisePlan, Denoiser, TextConditioner, make_scheduler
+from tc_lite.train import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "presets" / "tiny-cpu.yaml"
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str):
+    return load_config(TINY, [f"output.dir={tmp_path / 'run'}", "logging.progress=false", *overrides])
+
+
+class CachedRecipe(Recipe):
+    """The integration proposed for tc_lite/train.py (see docs/memory.md), applied by subclassing until it lands."""
+
+    def setup(self) -> CachedRecipe:
+        super().setup()
+        self.prefix_cache = None
+        mode = self.cfg.sampling.prefix_cache
+        if mode != "none":
+            self.prefix_cache = for_recipe(self, root=Path(self.cfg.output.dir) / "prefix_cache")
+            if mode == "prefill":
+                self.prefix_cache.prefill(self.sampler.prompts, self.cfg.train.batch_size, self.log)
+        return self
+
+    def generate_latents(self, prompts, gen, grad_steps):
+        if self.prefix_cache is None:
+            return super().generate_latents(prompts, gen, grad_steps)
+        return cached_generate_latents(self, prompts, gen, grad_steps)
+
+
+@pytest.fixture
+def setup(tiny_components):
+    """A LoRA'd tiny pipeline whose LoRA is already non-zero (so gradients reach both LoRA matrices)."""
+    comps = copy.deepcopy(tiny_components)
+    comps.text_encoder.requires_grad_(False)
+    te = add_lora(comps.text_encoder, rank=4, alpha=4.0, init_seed=0)
+    with torch.no_grad():
+        for name, p in te.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    conditioner = TextConditioner(comps.tokenizer, te, torch.device("cpu"), original=lambda: lora_disabled(te))
+    return comps, te, conditioner
+
+
+def _cache(tmp_path, comps, conditioner, cfg, dtype=torch.float16) -> PrefixCache:
+    identity = prefix_identity(cfg, comps, precision="fp32", device=torch.device("cpu"))
+    uncond = conditioner.base([cfg.sampling.negative_prompt])
+    return PrefixCache(tmp_path / "cache", identity, unet=comps.unet,
+                       scheduler=make_scheduler(cfg.sampling.scheduler, comps.scheduler),
+                       autocast=lambda: torch.autocast("cpu", enabled=False),
+                       compute_conditioning=lambda ps: (conditioner.base(ps), uncond), latent_shape=(4, 8, 8),
+                       device=torch.device("cpu"), train_seed=cfg.train.seed, dtype=dtype)
+
+
+@pytest.mark.parametrize("scheduler,dtype", [("ddim", torch.float32), ("euler", torch.float32),
+                                             ("ddim", torch.float16)])
+def test_cached_tail_gives_the_same_gradients(tmp_path, setup, scheduler, dtype):
+    comps, te, conditioner = setup
+    cfg = tiny_cfg(tmp_path, f"sampling.scheduler={scheduler}", "sampling.steps=6", "sampling.grad_steps=2")
+    cache = _cache(tmp_path, comps, conditioner, cfg, dtype)
+    prompts = ["a red square", "a blue circle"]
+    lora = [p for p in te.parameters() if p.requires_grad]
+    plan = DenoisePlan(6, 2, 4.0, checkpoint=True)
+
+    def grads(latents: torch.Tensor, start: int) -> list[torch.Tensor]:
+        denoiser = Denoiser(comps.unet, make_scheduler(scheduler, comps.scheduler))
+        cond = {"early": conditioner.base(prompts), "uncond_early": conditioner.base([""]),
+                    "late": conditioner.tuned(prompts), "uncond_late": conditioner.tuned([""])}
+        images = decode(comps.vae, denoiser.run(latents, plan, start=start, **cond))
+        return list(torch.autograd.grad(images[:, 0].mean() - images[:, 1:].mean(), lora))
+
+    noise = torch.cat([cache.noise(cache.seed_for(p)) for p in prompts])
+    uncached = grads(noise, 0)
+    first = cache.latents(prompts)  # computed and written
+    again = cache.latents(prompts)  # read back from disk
+    assert (cache.misses, cache.hits) == (2, 2) and torch.equal(first, again)
+    cached = grads(again, cache.start)
+    if dtype == torch.float32:
+        assert all(torch.equal(a, b) for a, b in zip(uncached, cached))
+    else:  # the fp16 file rounds the latent (|err| < 1e-3 of its scale): gradients agree to fp16 precision
+        assert all(torch.allclose(a, b, rtol=2e-2, atol=1e-4 * a.abs().max()) for a, b in zip(uncached, cached))
+
+
+def test_every_keyed_setting_changes_the_key(tmp_path, setup):
+    comps, _, conditioner = setup
+    base_cfg = tiny_cfg(tmp_path)
+
+    def folder(*overrides: str, precision: str = "fp32", device: str = "cpu", components=comps) -> Path:
+        cfg = tiny_cfg(tmp_path, *overrides)
+        identity = prefix_identity(cfg, components, precision=precision, device=torch.device(device))
+        return PrefixCache(tmp_path, identity, unet=comps.unet, scheduler=comps.scheduler, autocast=lambda: None,
+                           compute_conditioning=lambda ps: None, latent_shape=(4, 8, 8),
+                           device=torch.device("cpu")).folder
+
+    changed = copy.deepcopy(comps)
+    with torch.no_grad():
+        next(changed.unet.parameters()).view(-1)[0] += 1e-3  # a different checkpoint behind the same name
+    folders = [folder(), folder("sampling.scheduler=euler"), folder("sampling.steps=12"),
+               folder("sampling.grad_steps=3"), folder("sampling.guidance_scale=5"), folder("sampling.eta=0.5"),
+               folder("sampling.height=24"), folder("sampling.width=24"), folder("sampling.negative_prompt=blurry"),
+               folder("model.revision=abc"), folder(precision="bf16"), folder(device="cuda"),
+               folder(components=changed)]
+    assert len(set(folders)) == len(folders)
+    assert folder() == folder("optim.lr=0.5", "train.steps=3", "lora.rank=2")  # what the prefix ignores
+    cache = _cache(tmp_path, comps, conditioner, base_cfg)
+    keys = {json.dumps(cache.entry_key(p, s), sort_keys=True) for p in ("a", "b") for s in (0, 1)}
+    assert len(keys) == 4
+    assert noise_seed(0, "a red square") == noise_seed(0, "a red square") != noise_seed(1, "a red square")
+    assert noise_seed(0, "a red square", variant=1) != noise_seed(0, "a red square")
+    assert weights_fingerprint(comps.unet) != weights_fingerprint(changed.unet)
+
+
+def test_stale_or_broken_entries_are_recomputed_never_reused(tmp_path, setup):
+    from tc_lite.io import save_safetensors_atomic
+
+    comps, _, conditioner = setup
+    cache = _cache(tmp_path, comps, conditioner, tiny_cfg(tmp_path))
+    good = cache.latents(["a red square"])
+    key = cache.entry_key("a red square", cache.seed_for("a red square"))
+    path = cache._path(key)
+    wrong = dict(key, prompt="something else")  # a file at this path whose stored key is not ours
+    save_safetensors_atomic({"latent": torch.zeros(1, 4, 8, 8, dtype=torch.float16)}, path,
+                            metadata={"key": json.dumps(wrong, sort_keys=True)})
+    assert torch.equal(cache.latents(["a red square"]), good) and cache.misses == 2
+    path.write_bytes(b"truncated")
+    assert torch.equal(cache.latents(["a red square"]), good) and cache.misses == 3
+    assert cache.latents(["a red square"]) is not None and cache.hits == 1  # the rewrite is valid again
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_reward_rises_with_the_prefix_cache_on(tmp_path, tiny_components):
+    """The tiny preset, prefix cache lazy: same learning signal; the prefix is computed once per prompt."""
+    cfg = tiny_cfg(tmp_path, "sampling.prefix_cache=lazy", "logging.sample_every=0")
+    recipe = CachedRecipe(cfg, log=lambda s: None).setup()
+    rewards = [recipe.train_step()["reward"] for _ in range(cfg.train.steps)]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last - first > 0.02, (first, last)
+    n_prompts = len(set(recipe.sampler.prompts))
+    assert recipe.prefix_cache.misses == n_prompts  # every later visit of a prompt was a hit
+    assert recipe.prefix_cache.hits == cfg.train.steps * cfg.train.batch_size - n_prompts
+
+
+def test_prefill_fills_every_prompt_first(tmp_path, tiny_components):
+    cfg = tiny_cfg(tmp_path, "sampling.prefix_cache=prefill", "logging.sample_every=0", "train.steps=1")
+    recipe = CachedRecipe(cfg, log=lambda s: None).setup()
+    n = len(set(recipe.sampler.prompts))
+    assert len(list(recipe.prefix_cache.folder.glob("*.safetensors"))) == n
+    assert (recipe.prefix_cache.hits, recipe.prefix_cache.misses) == (0, n)
+    recipe.train_step()
+    assert (recipe.prefix_cache.hits, recipe.prefix_cache.misses) == (cfg.train.batch_size, n)
+    again = for_recipe(recipe, root=Path(cfg.output.dir) / "prefix_cache")
+    assert again.prefill(recipe.sampler.prompts, log=lambda s: None) == 0  # a second run reuses everything
