@@ -20,14 +20,6 @@ PRESET = Path(__file__).resolve().parents[1] / "presets" / "tiny-cpu.yaml"
 A1111_KEYS = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards on a shared 2-core CPU: OpenMP contention costs 10-100x
-    yield
-    torch.set_num_threads(n)
-
-
 def _train(out: Path, *overrides: str) -> list[str]:
     from tc_lite.config import load_config
     from tc_lite.train import run_training

@@ -19,15 +19,6 @@ from tc_lite.lora import ADAPTER_NAME, add_lora, load_kohya_state_dict, lora_lay
 HIDDEN, RANK, ALPHA = 32, 4, 3.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # See tests/test_lora.py: 2 OpenMP threads on a shared CPU turn millisecond forwards into seconds.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base() -> CLIPTextModel:
     torch.manual_seed(0)

@@ -40,14 +40,6 @@ from tc_lite.lora import (
 RANK, ALPHA = 4, 3.0  # alpha != rank, so a loader that assumes alpha = rank is caught
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # millisecond forwards on a shared 2-core CPU are faster single-threaded
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomise_lora(te: torch.nn.Module, seed: int = 3, scale: float = 0.2) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

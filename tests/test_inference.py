@@ -18,14 +18,6 @@ SEEDS = [0, 1]
 FAST = {"steps": 4, "guidance": 4.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards on a shared 2-core CPU: OpenMP contention costs 10-100x
-    yield
-    torch.set_num_threads(n)
-
-
 def _lora(base: torch.nn.Module, seed: int) -> torch.nn.Module:
     te = add_lora(copy.deepcopy(base), rank=4, alpha=4.0, init_seed=seed)
     g = torch.Generator().manual_seed(seed)

@@ -44,16 +44,6 @@ def tiny_config(layers: int = 12) -> CLIPTextConfig:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and with the CPU shared, 2 OpenMP threads made a 5 ms forward
-    # take seconds (spin-waiting); restore the suite's setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base() -> CLIPTextModel:
     torch.manual_seed(0)

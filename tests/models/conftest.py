@@ -12,15 +12,6 @@ import torch
 from tc_lite.models.components import SDComponents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tests run many tiny ops; one thread is as fast and does not spin-wait on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny(tiny_components: SDComponents) -> SDComponents:
     """The suite's pretrained tiny model (tests/conftest.py); read-only: tests that modify a model build their own."""

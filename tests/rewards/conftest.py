@@ -11,16 +11,6 @@ import torch
 from tests.rewards.tiny_rewards import clip_tokenizer, head_state_dict
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core machine a second thread made every small op wait
-    ~20 ms for a busy core (0.01 ms with one thread); nothing here is big enough to gain from two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A random CLIP (hidden 32, 2 layers, 224 px / patch 32) with the ViT-L projection width 768."""
