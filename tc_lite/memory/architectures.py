@@ -1,0 +1,145 @@
+"""Shapes of the models a preset names, without their weights: what the memory estimator builds on 'meta'.
+
+The diffusion model comes from the configs the user's source already carries (a diffusers folder, a hub snapshot
+in the local cache, `model.config_dir`) or, failing that, from the SD1.5 configs bundled with tc-lite -- so the
+estimate needs no download. Reward models are described by their published architectures (CLIP ViT-L/14 for the
+aesthetic predictor and CLIP score, OpenCLIP ViT-H/14 for PickScore and HPSv2); their weights never matter here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tc_lite.config import Config, RewardTerm
+
+# CLIP towers as transformers CLIPConfig keyword arguments. ViT-H/14 is LAION's OpenCLIP model (PickScore is a
+# transformers CLIPModel of exactly this shape; HPSv2 is the same network in open_clip's module layout).
+VIT_L_14: dict[str, Any] = {
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                          "patch_size": 14, "image_size": 224, "hidden_act": "quick_gelu"},
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                        "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu"},
+    "projection_dim": 768,
+}
+VIT_H_14: dict[str, Any] = {
+    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
+                          "patch_size": 14, "image_size": 224, "hidden_act": "gelu"},
+    "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                        "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu"},
+    "projection_dim": 1024,
+}
+CLIP_ARCHITECTURES = {"ViT-L/14": VIT_L_14, "ViT-H/14": VIT_H_14}
+
+
+@dataclass(frozen=True)
+class RewardShape:
+    """What a reward puts on the device while it scores.
+
+    `clip`: the CLIP architecture name, or None for a weight-free reward. `text_tower`: whether the text tower is
+    part of the offloaded module (CLIP score, PickScore, HPSv2) or dropped (aesthetic). `head`: the aesthetic MLP.
+    `preprocess`: "crop" (CLIP/PickScore/aesthetic) or "pad" (HPSv2). `share_key`: rewards with the same key hold
+    one vision tower (aesthetic and clip on the same OpenAI CLIP, as `rewards.loading.share_vision` arranges).
+    """
+
+    label: str
+    kind: str
+    clip: str | None
+    text_tower: bool = True
+    head: bool = False
+    preprocess: str = "crop"
+    share_key: str | None = None
+
+
+_BUILTIN_REWARDS = {
+    "aesthetic": {"clip": "ViT-L/14", "text_tower": False, "head": True},
+    "clip": {"clip": "ViT-L/14"},
+    "pickscore": {"clip": "ViT-H/14"},
+    "hpsv2": {"clip": "ViT-H/14", "preprocess": "pad"},
+    "hpsv21": {"clip": "ViT-H/14", "preprocess": "pad"},
+    "color": {"clip": None},
+}
+
+
+def reward_shape(label: str, term: RewardTerm) -> RewardShape | None:
+    """The shape of a configured reward, or None when it cannot be known (a custom reward class)."""
+    kind = (term.type or label).strip()
+    known = _BUILTIN_REWARDS.get(kind.lower())
+    if known is None:
+        return None
+    spec = dict(known)
+    model = term.args.get("clip_model", term.args.get("model"))  # a user-chosen CLIP
+    named = str(model or "").lower()
+    if spec["clip"] is not None and ("vit-h" in named or "h-14" in named):
+        spec["clip"] = "ViT-H/14"
+    elif spec["clip"] is not None and ("vit-l" in named or "l-14" in named):
+        spec["clip"] = "ViT-L/14"
+    if kind.lower() in ("aesthetic", "clip"):
+        spec["share_key"] = str(model or "openai/clip-vit-large-patch14")
+    return RewardShape(label=label, kind=kind, **spec)
+
+
+@dataclass
+class Architecture:
+    """Configs of the diffusion model's parts, and where they came from (printed with every estimate)."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _bundled() -> Path:
+    return Path(str(resources.files("tc_lite") / "assets" / "sd15"))
+
+
+def _read_folder(folder: Path) -> tuple[dict, dict, dict] | None:
+    try:
+        return tuple(json.loads((folder / sub / "config.json").read_text())  # type: ignore[return-value]
+                     for sub in ("unet", "vae", "text_encoder"))
+    except (OSError, ValueError):
+        return None
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a cached hub model (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, "unet/config.json", revision=revision)
+    return Path(found).parent.parent if isinstance(found, str) else None
+
+
+def resolve_architecture(cfg: Config) -> Architecture:
+    """Configs for `model.source`; the bundled SD1.5 ones when the source does not carry its own offline."""
+    source = cfg.model.source
+    if source == "tiny":
+        from tc_lite.models.tiny import build_tiny_components
+
+        comps = build_tiny_components(pretrain=False)
+        return Architecture(dict(comps.unet.config), dict(comps.vae.config), comps.text_encoder.config.to_dict(),
+                            "tiny (built in code)")
+    path = Path(source).expanduser()
+    notes: list[str] = []
+    folder: Path | None = None
+    if path.is_dir():
+        folder = path
+    elif path.is_file() and cfg.model.config_dir:
+        folder = Path(cfg.model.config_dir).expanduser()
+    elif not path.exists() and source.count("/") == 1:
+        folder = _hub_snapshot(source, cfg.model.revision)
+        if folder is None:
+            notes.append(f"{source} is not in the local hub cache: assumed the SD1.5 architecture")
+    if folder is not None:
+        parts = _read_folder(folder)
+        if parts is not None:
+            return Architecture(*parts, source=str(folder), notes=notes)
+        notes.append(f"{folder} has no readable unet/vae/text_encoder configs: assumed the SD1.5 architecture")
+    parts = _read_folder(_bundled())
+    assert parts is not None, "the bundled SD1.5 configs are part of the package"
+    return Architecture(*parts, source="bundled SD1.5 configs", notes=notes)
