@@ -84,6 +84,7 @@ class Recipe:
         configure_vae(comps.vae, cfg.memory.checkpoint_vae)
 
         self.text_encoder, self.conditioner = self._setup_text_encoder(comps)
+        warn_long_prompts(prompts, comps.tokenizer, self.log)
         self.params = trainable_parameters(self.text_encoder)
         self.rewards = RewardMix(
             [(label, build_reward(term.type or label, args=term.args, target=term.target), term.weight)
@@ -409,6 +410,17 @@ class Recipe:
             base_model=cfg.model.source, extra={"tc_lite_config": json.dumps(cfg.to_dict())})
         return export_kohya(self.text_encoder, path or self.out / f"{cfg.output.name}.safetensors", metadata=meta,
                             save_dtype=dtype)
+
+def warn_long_prompts(prompts: list[str], tokenizer: Any, log: Callable[[str], None]) -> int:
+    """CLIP sees at most 77 tokens (start and end included); say how many prompts lose their tail."""
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
+    long = [p for p, n in zip(prompts, lengths) if n > limit]
+    if long:
+        log(f"warning: {len(long)} of {len(prompts)} prompts are longer than the text encoder's {limit} tokens and "
+            f"are truncated, e.g. {long[0][:80]!r}...")
+    return len(long)
+
 
 class Interrupted(UserError):
     """Ctrl-C or SIGTERM: the run saved a checkpoint and stopped; exit code 128 + signal, as shells expect."""

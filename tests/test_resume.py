@@ -107,3 +107,34 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path, tiny_compo
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [True, True] and rows[-1]["bad_steps"] == 2
     assert not (tmp_path / "tiny_cpu.safetensors").exists()
+
+
+def test_long_prompts_warn_that_they_are_truncated(tmp_path, tiny_components):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n" + "a very long prompt " * 30 + "\n")
+    seen: list[str] = []
+    Recipe(load_config(TINY, [f"output.dir={tmp_path / 'o'}", *COMMON, f"data.prompts={prompts}"]), log=seen.append).setup()
+    assert any("1 of 2 prompts are longer than the text encoder's 77 tokens" in s for s in seen), seen
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path, tiny_components):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a path through a file cannot be created, even as root
+    with pytest.raises(UserError, match="output.dir: cannot write to"):
+        Recipe(load_config(TINY, [f"output.dir={blocker / 'run'}", *COMMON]), log=lambda s: None).setup()
+
+
+def test_out_of_memory_names_the_keys_that_lower_memory_and_keeps_checkpoints(tmp_path, tiny_components, monkeypatch):
+    recipe = Recipe(load_config(TINY, [f"output.dir={tmp_path}", *COMMON]), log=lambda s: None).setup()
+    recipe.train_step()
+    recipe.save_checkpoint()
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(recipe, "micro_step", oom)
+    with pytest.raises(UserError) as e:
+        recipe.train()
+    msg = str(e.value)
+    assert "out of GPU memory" in msg and "memory.checkpoint_unet=true" in msg and "train.grad_accum=2" in msg
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000001.pt"]
