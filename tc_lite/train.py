@@ -62,11 +62,14 @@ class Recipe:
         self.out = Path(cfg.output.dir)
         self.ckpt_dir = self.out / "checkpoints"
         self._stop_signal: int | None = None
+        self.prefix_cache = None  # set in setup() when sampling.prefix_cache is on
 
     # ------------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> "Recipe":
-        cfg = self.cfg
+        from .memory.plan import apply_memory_plan
+
+        cfg = self.cfg = apply_memory_plan(self.cfg, log=self.log)  # memory.plan: auto picks the switches; else as is
         self._prepare_output_dir()
         self.precision = p = resolve_precision(cfg.memory)
         if p.device.type == "cpu" and cfg.memory.cpu_threads:
@@ -95,6 +98,12 @@ class Recipe:
         self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
         self.denoiser = Denoiser(comps.unet, make_scheduler(cfg.sampling.scheduler, comps.scheduler), p.autocast)
         self.uncond_base = self.conditioner.base([cfg.sampling.negative_prompt])
+        if cfg.sampling.prefix_cache != "none":
+            from .prefix_cache import for_recipe
+
+            self.prefix_cache = for_recipe(self, root=self.out / "prefix_cache")
+            if cfg.sampling.prefix_cache == "prefill":
+                self.prefix_cache.prefill(prompts, batch_size=cfg.train.batch_size, log=self.log)
         self.step = 0
         self.bad_steps = 0
         self._resume()
@@ -154,6 +163,10 @@ class Recipe:
         return dict(early=late, uncond_early=uncond_late, late=late, uncond_late=uncond_late)
 
     def generate_latents(self, prompts: list[str], gen: torch.Generator, grad_steps: int) -> torch.Tensor:
+        if self.prefix_cache is not None:  # start from the cached latent after step T-K (noise fixed per prompt)
+            from .prefix_cache import cached_generate_latents
+
+            return cached_generate_latents(self, prompts, gen, grad_steps)
         s, comps = self.cfg.sampling, self.components
         plan = DenoisePlan(s.steps, grad_steps, s.guidance_scale, self.cfg.memory.checkpoint_unet, s.eta)
         f = comps.vae_scale_factor

@@ -14,7 +14,6 @@ from tc_lite.decode import decode
 from tc_lite.lora import add_lora, lora_disabled
 from tc_lite.prefix_cache import (
     PrefixCache,
-    cached_generate_latents,
     for_recipe,
     noise_seed,
     prefix_identity,
@@ -29,25 +28,6 @@ TINY = ROOT / "presets" / "tiny-cpu.yaml"
 
 def tiny_cfg(tmp_path: Path, *overrides: str):
     return load_config(TINY, [f"output.dir={tmp_path / 'run'}", "logging.progress=false", *overrides])
-
-
-class CachedRecipe(Recipe):
-    """The integration proposed for tc_lite/train.py (see docs/memory.md), applied by subclassing until it lands."""
-
-    def setup(self) -> CachedRecipe:
-        super().setup()
-        self.prefix_cache = None
-        mode = self.cfg.sampling.prefix_cache
-        if mode != "none":
-            self.prefix_cache = for_recipe(self, root=Path(self.cfg.output.dir) / "prefix_cache")
-            if mode == "prefill":
-                self.prefix_cache.prefill(self.sampler.prompts, self.cfg.train.batch_size, self.log)
-        return self
-
-    def generate_latents(self, prompts, gen, grad_steps):
-        if self.prefix_cache is None:
-            return super().generate_latents(prompts, gen, grad_steps)
-        return cached_generate_latents(self, prompts, gen, grad_steps)
 
 
 @pytest.fixture
@@ -153,7 +133,7 @@ def test_stale_or_broken_entries_are_recomputed_never_reused(tmp_path, setup):
 def test_reward_rises_with_the_prefix_cache_on(tmp_path, tiny_components):
     """The tiny preset, prefix cache lazy: same learning signal; the prefix is computed once per prompt."""
     cfg = tiny_cfg(tmp_path, "sampling.prefix_cache=lazy", "logging.sample_every=0")
-    recipe = CachedRecipe(cfg, log=lambda s: None).setup()
+    recipe = Recipe(cfg, log=lambda s: None).setup()
     rewards = [recipe.train_step()["reward"] for _ in range(cfg.train.steps)]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last - first > 0.02, (first, last)
@@ -164,7 +144,7 @@ def test_reward_rises_with_the_prefix_cache_on(tmp_path, tiny_components):
 
 def test_prefill_fills_every_prompt_first(tmp_path, tiny_components):
     cfg = tiny_cfg(tmp_path, "sampling.prefix_cache=prefill", "logging.sample_every=0", "train.steps=1")
-    recipe = CachedRecipe(cfg, log=lambda s: None).setup()
+    recipe = Recipe(cfg, log=lambda s: None).setup()
     n = len(set(recipe.sampler.prompts))
     assert len(list(recipe.prefix_cache.folder.glob("*.safetensors"))) == n
     assert (recipe.prefix_cache.hits, recipe.prefix_cache.misses) == (0, n)
