@@ -171,6 +171,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats
     Why interleaved: on a shared machine the load drifts; taking turns exposes both sides of a ratio to the same
     load, and the median of per-round ratios is then far steadier than a ratio of separate medians.
     """
+    clock = _clock(device)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -178,17 +179,23 @@ def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            t = time.perf_counter()
+            t = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return times
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """Wall time on a GPU; on the CPU, the process's CPU time, which time stolen by other tenants of a shared
+    machine does not inflate (all threads summed: ~threads x wall time when they are all busy)."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
 
 
 def speed_report(cfg: Any, model: str | None = None, repeats: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Everything `bench speed` prints, as a dict (seconds, ratios, targets)."""
     from tc_lite.decode import decode
-    from tc_lite.prefix_cache import _StopAfter, cached_generate_latents, for_recipe
+    from tc_lite.prefix_cache import _StopAfter, for_recipe
     from tc_lite.sampling import DenoisePlan, Denoiser, make_scheduler
     from tc_lite.train import Recipe, StepStats, step_generator
 
@@ -196,6 +203,7 @@ def speed_report(cfg: Any, model: str | None = None, repeats: int = 3, log: Call
     with tempfile.TemporaryDirectory() as tmp, _model_override(model):
         cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, resume=None, checkpoint_every=0, grad_accum=1),
+            sampling=dataclasses.replace(cfg.sampling, prefix_cache="none"),  # (c) switches it on for its step
             output=dataclasses.replace(cfg.output, dir=tmp, overwrite=True),
             logging=dataclasses.replace(cfg.logging, sample_every=0, progress=False, tensorboard=False),
             eval=dataclasses.replace(cfg.eval, every=0))
@@ -276,15 +284,15 @@ def speed_report(cfg: Any, model: str | None = None, repeats: int = 3, log: Call
 
         # (c) a step with the prefix cache (entries already on disk) vs the step above
         if s.encoder_schedule == "two_encoder" and s.scheduler != "dpm++" and s.grad_steps_min is None:
-            r.prefix_cache = for_recipe(r, root=Path(tmp) / "prefix")
-            r.prefix_cache.prefill(prompts, batch_size=B, log=lambda m: None)
+            cache = for_recipe(r, root=Path(tmp) / "prefix")
+            cache.prefill(prompts, batch_size=B, log=lambda m: None)
 
             def cached_step() -> None:
-                r.generate_latents = lambda ps, g, kk: cached_generate_latents(r, ps, g, kk)  # the integration
+                r.prefix_cache = cache  # Recipe.generate_latents then runs only the last K steps
                 try:
                     train_step()
                 finally:
-                    del r.generate_latents
+                    r.prefix_cache = None
 
             fns["cached"] = cached_step
         times = interleaved(fns, device, repeats)
@@ -333,8 +341,10 @@ def _device_name(device: torch.device) -> str:
 def format_speed(rep: dict[str, Any]) -> str:
     s = rep["setting"]
     ok = lambda v, t: "ok" if v is not None and v <= t else "over target"
+    clock = "process CPU time (all threads)" if rep["device"].startswith("CPU") else "wall time"
     lines = [
-        f"bench speed on {rep['device']} (torch {rep['torch']}), model {rep['model']}",
+        (f"bench speed on {rep['device']} (torch {rep['torch']}), model {rep['model']}; {clock}, median of "
+         f"{rep['repeats']} interleaved rounds"),
         (f"  {s['height']}x{s['width']}, batch {s['batch_size']}, T={s['steps']} K={s['grad_steps']}, CFG "
         f"{s['guidance_scale']:g}, {s['scheduler']}, {s['precision']}, checkpoint unet={s['checkpoint_unet']} "
         f"vae={s['checkpoint_vae']}"),

@@ -286,20 +286,24 @@ def bnb_adamw8bit_state_bytes(params: list[nn.Parameter], min_8bit_size: int = 4
 # --------------------------------------------------------------------------------------------------- building
 
 
-def _materialize(module: nn.Module, dtype: torch.dtype, device: str, memo: dict[int, torch.Tensor]) -> nn.Module:
+def _materialize(module: nn.Module, dtype: torch.dtype, device: str, memo: dict[int, Any]) -> nn.Module:
     """Replace meta parameters/buffers by fake ones on `device`: frozen floats in `dtype`, trainable ones in fp32
-    (what `freeze_and_cast` and `add_lora` leave behind). Tied tensors stay tied."""
+    (what `freeze_and_cast` and `add_lora` leave behind). Tied and shared tensors stay tied; a tensor already
+    materialized (a module shared by two rewards) is left alone. `memo` keeps the originals alive, so an `id` is
+    never reused for another tensor while the memo lives."""
+    done = {id(new) for _, new in memo.values()}
     for sub in module.modules():
         for store, is_param in ((sub._parameters, True), (sub._buffers, False)):
             for key, t in list(store.items()):
-                if t is None:
+                if t is None or id(t) in done:
                     continue
                 if id(t) not in memo:
                     trainable = is_param and t.requires_grad
                     dt = torch.float32 if trainable else (dtype if t.is_floating_point() else t.dtype)
                     new = torch.empty(t.shape, dtype=dt, device=device)
-                    memo[id(t)] = nn.Parameter(new, requires_grad=trainable) if is_param else new
-                store[key] = memo[id(t)]
+                    memo[id(t)] = (t, nn.Parameter(new, requires_grad=trainable) if is_param else new)
+                store[key] = memo[id(t)][1]
+                done.add(id(store[key]))
     return module
 
 
@@ -408,7 +412,7 @@ class _Step:
         self.cfg, self.target, self.tracker = cfg, target, tracker
         self.notes: list[str] = list(meta.notes)
         dt = target.dtype
-        memo: dict[int, torch.Tensor] = {}
+        memo: dict[int, Any] = {}
         unet, vae, te, original = meta.unet, meta.vae, meta.te, meta.original
         with tracker.kind("parameters"):
             for m in (unet, vae, te, original):
@@ -438,7 +442,7 @@ class _Step:
                     group["foreach"] = True
 
     def _place_rewards(self, entries: list[tuple[str, Any, float]], dtype: torch.dtype,
-                       memo: dict[int, torch.Tensor]) -> list[tuple[str, Any, float]]:
+                       memo: dict[int, Any]) -> list[tuple[str, Any, float]]:
         home = "cpu" if self.cfg.rewards.offload == "none" else "meta"  # fake 'meta' = host RAM
         for label, net, _ in entries:
             if not isinstance(net, _ClipReward):
@@ -502,11 +506,8 @@ class _Step:
         r.draw_grad_steps = lambda gen: grad_steps
         with torch.no_grad():
             r.uncond_base = self.conditioner.base([s.negative_prompt])
-        if s.prefix_cache != "none":
-            from tc_lite.prefix_cache import cached_generate_latents
-
+        if s.prefix_cache != "none":  # Recipe.generate_latents then starts from the cached latent
             r.prefix_cache = _ShapePrefix(prefix, self.unet.config.in_channels, self.vae, s)
-            r.generate_latents = lambda prompts, gen, k: cached_generate_latents(r, prompts, gen, k)
         return r
 
     def run(self, grad_steps: int) -> int:
