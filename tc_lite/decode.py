@@ -12,6 +12,8 @@ from typing import Callable, ContextManager
 
 import torch
 
+from .precision import autocast_for
+
 
 def configure_vae(vae: torch.nn.Module, checkpoint: bool) -> None:
     if checkpoint:
@@ -27,6 +29,6 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor,
     shift = getattr(cfg, "shift_factor", None)
     if shift:
         latents = latents + shift
-    with autocast():
+    with autocast_for(vae, autocast)():  # a frozen half-precision VAE decodes natively
         images = vae.decode(latents.to(next(vae.parameters()).dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -185,14 +185,6 @@ def default_size(components: SDComponents) -> int:
     return int(components.unet.config.sample_size) * components.vae_scale_factor
 
 
-def _autocast_for(module: torch.nn.Module) -> Callable[[], ContextManager]:
-    dtype = next(module.parameters()).dtype
-    if dtype == torch.float32:
-        return contextlib.nullcontext
-    device_type = next(module.parameters()).device.type
-    return lambda: torch.autocast(device_type, dtype=dtype)
-
-
 def _check_args(components: SDComponents, steps: int, tuned_steps: int | None, scheduler: str,
                 guidance: float, height: int, width: int, seeds: Sequence[int]) -> None:
     problems = []
@@ -247,7 +239,7 @@ def sample_images(
     orig = embeddings.orig
     unet = components.unet
     device = next(unet.parameters()).device
-    denoiser = Denoiser(unet, make_scheduler(scheduler, components.scheduler), autocast or _autocast_for(unet))
+    denoiser = Denoiser(unet, make_scheduler(scheduler, components.scheduler), autocast or contextlib.nullcontext)
     late_n = steps if tuned_steps is None else int(tuned_steps)
     plan = DenoisePlan(steps=steps, grad_steps=late_n, guidance_scale=float(guidance), checkpoint=False, eta=eta)
     f = components.vae_scale_factor
@@ -293,8 +285,8 @@ def generate(
     ``loras`` is a list of (source, weight): ``[("style.safetensors", 1.0)]`` is the tuned model, weight 0 the base
     model exactly, several entries mix styles. Sources are LoRA files, full-encoder files, kohya state dicts or
     tuned encoder modules (see :func:`tuned_encoder`); ``base_encoder`` as in :func:`encode_prompts`. The other
-    arguments are those of :func:`sample_images`. Runs on the device and dtype of ``components`` (fp16/bf16 weights
-    run under autocast).
+    arguments are those of :func:`sample_images`. Runs on the device and dtype of ``components`` (a frozen fp16/bf16
+    UNet and VAE run natively in that dtype, as in diffusers' pipelines).
 
     Example::
 

@@ -19,6 +19,8 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .precision import autocast_for
+
 SCHEDULERS = ("ddim", "euler", "dpm++")
 
 
@@ -104,7 +106,8 @@ class Denoiser:
     def __init__(self, unet: torch.nn.Module, scheduler: Any, autocast: Callable[[], ContextManager] = contextlib.nullcontext):
         self.unet = unet
         self.scheduler = scheduler
-        self.autocast = autocast
+        self.autocast = autocast_for(unet, autocast)  # none for a frozen half-precision UNet: it runs natively
+        self.dtype = next(unet.parameters()).dtype
 
     def initial_latents(self, n: int, channels: int, height: int, width: int, generator: torch.Generator,
                         device: torch.device) -> torch.Tensor:
@@ -117,9 +120,12 @@ class Denoiser:
         both = Cond.cat(uncond.expand(n), cond)
         x = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
 
+        added = None if both.added is None else {k: v.to(self.dtype) for k, v in both.added.items()}
+
         def call(x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
             with self.autocast():
-                out = self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=both.added).sample
+                out = self.unet(x.to(self.dtype), t, encoder_hidden_states=hidden.to(self.dtype),
+                                added_cond_kwargs=added).sample
             return out.float()
 
         if use_checkpoint:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tc_lite.models import freeze_and_cast
+from tc_lite.memory.tracker import cuda_autocast_policy
 from tc_lite.lora import add_lora, lora_disabled, trainable_parameters
 from tc_lite.sampling import DenoisePlan, Denoiser, TextConditioner, make_scheduler
 
@@ -141,3 +142,30 @@ def test_no_grad_sampling_matches_diffusers_pipeline(tiny_components, scheduler)
         ours = Denoiser(comps.unet, make_scheduler(scheduler, comps.scheduler)).run(
             noise.clone(), DenoisePlan(6, 0, 4.0, False), early=c, late=c, uncond_early=u, uncond_late=u)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_half_unet_runs_natively_and_passes_gradients_to_the_lora(tiny_components):
+    """A frozen bf16 UNet ignores the recipe's autocast (no fp32 norm outputs kept for backward: DESIGN §4's
+    +1.1 GiB at 512²), takes the fp32 LoRA encoder's output cast to bf16, and the gradient still reaches the LoRA."""
+    comps = copy.deepcopy(tiny_components)
+    freeze_and_cast(comps, torch.bfloat16)
+    te = add_lora(comps.text_encoder, rank=4, alpha=4.0, targets=["q_proj", "v_proj"])
+    cond = TextConditioner(comps.tokenizer, te, torch.device("cpu"), original=lambda: lora_disabled(te))
+    norm_dtypes: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda m, a, out: norm_dtypes.add(out.dtype))
+             for m in comps.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    den = Denoiser(comps.unet, make_scheduler("ddim", comps.scheduler),
+                   lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    with den.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the encoder keeps autocast: fp32 LoRA on a bf16 base
+        late, unc = cond.tuned(PROMPTS), cond.tuned([""])
+    latents = den.initial_latents(2, 4, 8, 8, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with cuda_autocast_policy():  # autocast as on CUDA, where norms would come out fp32
+        out = den.run(latents, DenoisePlan(3, 1, 4.0, True), early=late, late=late, uncond_early=unc, uncond_late=unc)
+    for h in hooks:
+        h.remove()
+    assert norm_dtypes == {torch.bfloat16}
+    assert out.dtype == torch.float32
+    g = grads(te, out)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -625,19 +625,6 @@ class _FakeStepTracker(MemoryTracker):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-@contextlib.contextmanager
-def _decode_without_autocast() -> Any:
-    """What-if for comparisons: the Recipe's decode call with its autocast argument ignored."""
-    from tc_lite import train
-
-    original = train.decode
-    train.decode = lambda vae, latents, autocast=None: original(vae, latents)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        train.decode = original
-
-
 def _extrapolate(tracker: MemoryTracker, extra: int) -> None:
     """Add the saved tensors of the grad steps not traced to every phase during which they would be alive."""
     if extra <= 0:
@@ -652,14 +639,14 @@ def _extrapolate(tracker: MemoryTracker, extra: int) -> None:
 
 
 def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = False, fp32_norms: bool = True,
-                    vae_autocast: bool = True, attention_backend: str | None = None) -> MemoryEstimate:
+                    attention_backend: str | None = None) -> MemoryEstimate:
     """Estimate the peak device memory of one steady-state training step of `cfg` (no GPU, no weights).
 
     `round_to`: allocation granularity (default 512 bytes for a CUDA target, 1 for a CPU one). `exact`: trace every
     grad step instead of three plus extrapolation (slower for large K; the two agree, see tests/test_memory.py).
-    For comparisons only: `fp32_norms=False` drops CUDA autocast's fp32 norms (as if the step ran without
-    autocast on half-precision weights); `vae_autocast=False` decodes without autocast (the VAE then runs wholly in
-    its half-precision weight dtype); `attention_backend="math"` forces unfused attention.
+    For comparisons only: `fp32_norms=False` drops CUDA autocast's fp32 norms (CPU autocast semantics, as in
+    DESIGN §4's trace; since the frozen UNet and VAE run natively, only the text encoder's norms are affected);
+    `attention_backend="math"` forces unfused attention.
     """
     t0 = time.perf_counter()
     s = cfg.sampling
@@ -684,8 +671,7 @@ def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = F
         warnings.simplefilter("ignore")  # e.g. float() of a fake loss; they speak of the trace, not of the run
         step = _Step(cfg, meta, target, tracker)
         step.warm_up()
-        with _decode_without_autocast() if not vae_autocast else contextlib.nullcontext():
-            per_step = step.run(traced)
+        per_step = step.run(traced)
         optimizer_state = sum(_nbytes([t]) for st in step.optimizer.state.values() for name, t in st.items()
                               if isinstance(t, torch.Tensor) and not (target.cuda and name == "step"))
         if isinstance(step.optimizer, _Bnb8bitStateStandIn):
