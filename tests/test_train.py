@@ -113,3 +113,12 @@ def test_shipped_tiny_prompt_list_matches_the_tiny_task():
     from tc_lite.models.tiny import tiny_prompts
 
     assert load_prompts("builtin:tiny") == tiny_prompts()
+
+
+def test_out_of_memory_message_halves_the_batch_only_when_it_can():
+    from tc_lite.train import out_of_memory_message
+
+    b4 = out_of_memory_message(load_config(ROOT / "presets/aesthetic-b4-12gb.yaml", []), estimate=lambda c: 8.33)
+    assert "8.33 GiB" in b4 and "train.batch_size=2 with train.grad_accum=2" in b4
+    b1 = out_of_memory_message(load_config(ROOT / "presets/aesthetic.yaml", []), estimate=lambda c: None)
+    assert "train.batch_size" not in b1 and "estimates" not in b1 and "memory.checkpoint_vae=true" in b1
