@@ -47,9 +47,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="substrings of row names to run")
     ap.add_argument("--json", help="write all rows here")
-    ap.add_argument("--cpu-norms", action="store_true",
-                    help="also estimate with CPU autocast semantics (text-encoder norms in half precision, as DESIGN "
-                         "§4's trace had them)")
     args = ap.parse_args()
     out = []
     jobs = [(name, "presets/aesthetic.yaml", _DESIGN + ov, kw, ref) for name, ov, kw, ref in ROWS]
@@ -58,10 +55,7 @@ def main() -> None:
         if args.only and not any(o in name for o in args.only):
             continue
         cfg = load_config(path, overrides)
-        variants = [("as coded", dict(kwargs))]
-        if args.cpu_norms:
-            variants.append(("cpu autocast norms", {**kwargs, "fp32_norms": False}))
-        for label, kw in variants:
+        for label, kw in [("as coded", dict(kwargs))]:
             t = time.perf_counter()
             est = estimate_memory(cfg, **kw)
             row = {"row": name, "variant": label, "peak_gib": round(est.peak_gib, 3), "phase": est.peak_phase,
