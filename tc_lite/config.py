@@ -55,6 +55,8 @@ class SamplingConfig:
     eta: float = field(default=0.0, metadata=_range(0.0, 1.0))
     encoder_schedule: Literal["two_encoder", "tuned"] = "two_encoder"
     prefix_cache: Literal["none", "lazy", "prefill"] = "none"
+    prefix_variants: int = field(default=1, metadata=_range(1, 64))
+    prefix_cache_dir: str | None = None
     uncond: Literal["original", "tuned"] = "tuned"
 
 
@@ -291,6 +293,9 @@ def _check_combinations(cfg: Config, problems: list[str]) -> None:
         problems.append("sampling.prefix_cache: DPM++ carries a multistep history the cached latent does not hold; use ddim or euler")
     if cfg.sampling.prefix_cache != "none" and cfg.sampling.grad_steps_min is not None:
         problems.append("sampling.prefix_cache: random truncation (grad_steps_min) changes where the prefix ends; unset one of them")
+    if cfg.sampling.prefix_cache == "none" and (s.prefix_variants != 1 or s.prefix_cache_dir is not None):
+        key = "prefix_variants" if s.prefix_variants != 1 else "prefix_cache_dir"
+        problems.append(f"sampling.{key}: applies to the prefix cache, which is off; set sampling.prefix_cache=lazy or prefill")
     if cfg.memory.plan == "auto" and cfg.memory.vram_gb is None:
         problems.append("memory.vram_gb: memory.plan=auto needs the card's memory in GB, e.g. memory.vram_gb=8")
     if cfg.memory.device == "cpu" and cfg.memory.attention == "xformers":

@@ -11,7 +11,7 @@ every step, so nothing would ever be reused. With the cache on, the noise of a p
 (train.seed, prompt, variant) only (`noise_seed`): each prompt keeps `variants` fixed starting noises (default
 one). The trade-off: every epoch sees the same starting latents for a prompt instead of fresh ones -- less
 diversity per prompt (more epochs over few prompts can overfit those samples; use many prompts, or
-`variants > 1` for a cache `variants` times larger and a prefill `variants` times longer).
+`sampling.prefix_variants: N` for N noises per prompt, one drawn per step: a cache and a prefill N times larger).
 
 Never stale: every entry is stored with the full JSON key it was computed for -- model fingerprint (a checksum of
 every UNet and original-encoder weight, so a changed file under the same name is noticed), scheduler and its
@@ -177,9 +177,11 @@ class PrefixCache:
         return self.denoiser.run(noise, plan, early=early, late=early, uncond_early=uncond, uncond_late=uncond,
                                  generator=gen)
 
-    def latents(self, prompts: list[str], variant: int = 0) -> torch.Tensor:
-        """Cached prefix latents for a batch (float32 on the device); misses are computed together and stored."""
-        seeds = [self.seed_for(p, variant) for p in prompts]
+    def latents(self, prompts: list[str], variant: int | Sequence[int] = 0) -> torch.Tensor:
+        """Cached prefix latents for a batch (float32 on the device); misses are computed together and stored.
+        `variant`: which of the prompt's `variants` noises, for the whole batch or per prompt."""
+        picks = [variant] * len(prompts) if isinstance(variant, int) else list(variant)
+        seeds = [self.seed_for(p, v) for p, v in zip(prompts, picks)]
         keys = [self.entry_key(p, s) for p, s in zip(prompts, seeds)]
         rows: list[torch.Tensor | None] = [self._read(k) for k in keys]
         missing = [i for i, r in enumerate(rows) if r is None]
@@ -265,5 +267,8 @@ def cached_generate_latents(recipe: Any, prompts: list[str], gen: torch.Generato
         raise UserError(f"sampling.prefix_cache: the cache holds the latent after step {cache.start}, but this step "
                         f"has K={grad_steps} of T={s.steps}; unset sampling.grad_steps_min (random truncation)")
     plan = DenoisePlan(s.steps, grad_steps, s.guidance_scale, recipe.cfg.memory.checkpoint_unet, s.eta)
-    latents = cache.latents(prompts)
+    picks: int | list[int] = 0  # one noise per prompt: draw nothing, so `gen` drives eta as without variants
+    if cache.variants > 1:
+        picks = torch.randint(cache.variants, (len(prompts),), generator=gen).tolist()
+    latents = cache.latents(prompts, variant=picks)
     return recipe.denoiser.run(latents, plan, generator=gen, start=cache.start, **recipe.conditioning(prompts))

@@ -101,7 +101,9 @@ class Recipe:
         if cfg.sampling.prefix_cache != "none":
             from .prefix_cache import for_recipe
 
-            self.prefix_cache = for_recipe(self, root=self.out / "prefix_cache")
+            s = cfg.sampling
+            root = Path(s.prefix_cache_dir).expanduser() if s.prefix_cache_dir else self.out / "prefix_cache"
+            self.prefix_cache = for_recipe(self, root=root, variants=s.prefix_variants)
             if cfg.sampling.prefix_cache == "prefill":
                 self.prefix_cache.prefill(prompts, batch_size=cfg.train.batch_size, log=self.log)
         self.step = 0

@@ -11,6 +11,7 @@ import torch
 
 from tc_lite.config import load_config
 from tc_lite.decode import decode
+from tc_lite.errors import UserError
 from tc_lite.lora import add_lora, lora_disabled
 from tc_lite.prefix_cache import (
     PrefixCache,
@@ -152,3 +153,34 @@ def test_prefill_fills_every_prompt_first(tmp_path, tiny_components):
     assert (recipe.prefix_cache.hits, recipe.prefix_cache.misses) == (cfg.train.batch_size, n)
     again = for_recipe(recipe, root=Path(cfg.output.dir) / "prefix_cache")
     assert again.prefill(recipe.sampler.prompts, log=lambda s: None) == 0  # a second run reuses everything
+
+
+def test_variants_and_a_shared_cache_dir(tmp_path, tiny_components):
+    """prefix_variants=2 prefills two noises per prompt and steps draw from both; a second run pointed at the same
+    prefix_cache_dir (another output.dir, another learning rate) computes nothing."""
+    shared = tmp_path / "shared-prefix"
+    common = ["sampling.prefix_cache=prefill", "sampling.prefix_variants=2", f"sampling.prefix_cache_dir={shared}",
+              "logging.sample_every=0", "train.steps=6"]
+    first = Recipe(tiny_cfg(tmp_path / "a", *common), log=lambda s: None).setup()
+    n = len(set(first.sampler.prompts))
+    assert first.prefix_cache.folder.parent == shared
+    assert len(list(first.prefix_cache.folder.glob("*.safetensors"))) == 2 * n
+    seen: set[int] = set()
+    original = first.prefix_cache.latents
+
+    def recording(prompts, variant=0):
+        seen.update([variant] if isinstance(variant, int) else variant)
+        return original(prompts, variant)
+
+    first.prefix_cache.latents = recording
+    for _ in range(6):
+        first.train_step()
+    assert seen == {0, 1}
+    said: list[str] = []
+    second = Recipe(tiny_cfg(tmp_path / "b", *common, "optim.lr=1e-3"), log=said.append).setup()
+    assert second.prefix_cache.misses == 0 and not any("computing" in line for line in said)
+
+
+def test_prefix_options_without_the_cache_are_config_errors(tmp_path):
+    with pytest.raises(UserError, match="sampling.prefix_variants: applies to the prefix cache"):
+        tiny_cfg(tmp_path, "sampling.prefix_variants=3")
