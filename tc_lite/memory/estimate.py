@@ -589,6 +589,7 @@ class _ShapePrefix:
     def __init__(self, start: int, channels: int, vae: nn.Module, s: Any):
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         self.start, self.shape = start, (int(channels), s.height // f, s.width // f)
+        self.variants = 1  # which of a prompt's noises a step draws does not change memory
 
     def latents(self, prompts: list[str], variant: int = 0) -> torch.Tensor:
         host = torch.empty((len(prompts), *self.shape), dtype=torch.float16, device="meta")
