@@ -304,3 +304,19 @@ def test_preset_headers_state_the_current_estimate_and_it_meets_the_target(name)
     est = estimate_memory(load_config(ROOT / "presets" / name))
     assert est.peak_gib == pytest.approx(stated, abs=0.006), f"{name}: header says {stated}, estimate {est.peak_gib:.3f}"
     assert est.peak_gib <= target
+
+
+def test_sequential_offload_streams_one_weight_set_at_a_time():
+    """PickScore (ViT-H, 986M parameters) while it scores: offload=cpu brings all its weights (1.84 GiB); sequential
+    at most the largest single set, the text tower's token-embedding table (49408 x 1024 fp16 = 96.5 MiB), as
+    docs/rewards.md measured with the real accelerate hooks."""
+    pick = ["rewards.terms.clip.weight=0", "rewards.terms.aesthetic.weight=0", "rewards.terms.pick.type=pickscore",
+            "rewards.terms.pick.weight=1"]
+
+    def reward_params(offload: str) -> float:
+        est = estimate_memory(load_config(ROOT / "presets" / "aesthetic.yaml", [*pick, f"rewards.offload={offload}"]))
+        phases = {p.name: p for p in est.phases}
+        return (phases["reward"].kinds["parameters"] - phases["decode"].kinds["parameters"]) / GiB
+
+    assert reward_params("cpu") == pytest.approx(1.84, abs=0.01)
+    assert 0.09 < reward_params("sequential") < 0.12

@@ -240,6 +240,35 @@ class _ClipReward(nn.Module):
         return 100.0 * (emb * text).sum(-1)
 
 
+def _stream_layer_by_layer(net: nn.Module, tracker: MemoryTracker) -> None:
+    """`rewards.offload=sequential` as `offload.attach_sequential` sets it up, with plain module hooks in place of
+    accelerate's (which re-wrap parameters in a way fake tensors do not allow): each submodule's own weights are
+    copied from the host ('meta') to the device for its forward and dropped after it, and every transformer layer
+    is checkpointed (`offload.checkpoint_layers`, the same code), so only what autograd keeps stays. A tower
+    shared by two rewards is hooked once."""
+    from tc_lite.rewards.offload import checkpoint_layers
+
+    def fetch(mod: nn.Module, args: Any) -> None:
+        for name, home in mod._tc_lite_home.items():
+            copy = nn.Parameter(home.detach().to("cpu"), requires_grad=False)
+            tracker.tag(copy, "parameters")
+            mod._parameters[name] = copy
+
+    def drop(mod: nn.Module, args: Any, out: Any) -> None:
+        mod._parameters.update(mod._tc_lite_home)
+
+    for sub in net.modules():
+        for name, buf in list(sub._buffers.items()):  # buffers (position ids) live on the device, as with accelerate
+            if buf is not None and buf.device.type == "meta":
+                sub._buffers[name] = buf.to("cpu")
+        own = {n: t for n, t in sub._parameters.items() if t is not None and t.device.type == "meta"}
+        if own and not hasattr(sub, "_tc_lite_home"):
+            sub._tc_lite_home = own
+            sub.register_forward_pre_hook(fetch)
+            sub.register_forward_hook(drop)
+    checkpoint_layers(net)
+
+
 class _Bnb8bitStateStandIn(torch.optim.Optimizer):
     """bitsandbytes AdamW8bit's state, allocated exactly as `Optimizer2State.init_state` does (uint8 moments with
     fp32 absmax per 256-value block for tensors of >= 4096 values, fp32 moments below that, two shared 256-entry
@@ -384,8 +413,6 @@ class _MetaModels:
 
         entries: list[tuple[str, Any, float]] = []
         shared: dict[str, tuple[nn.Module, nn.Module]] = {}
-        if cfg.rewards.offload == "sequential":
-            notes.append("rewards.offload=sequential is estimated as offload=cpu (whole model moved while it scores)")
         for label, term in cfg.rewards.terms.items():
             if term.weight == 0:
                 continue
@@ -433,6 +460,11 @@ class _Step:
                                            original_encoder=original)
         self.params = trainable_parameters(te)
         self.rewards = RewardMix(self._place_rewards(meta.rewards, dt, memo), device="cpu", dtype=dt, offload="none")
+        if cfg.rewards.offload == "sequential":
+            for _, reward, _ in self.rewards.entries:
+                if isinstance(reward.module(), _ClipReward):
+                    _stream_layer_by_layer(reward.module(), tracker)
+            self.rewards.offload = "sequential"  # scoring windows move nothing; the hooks below do
         if cfg.optim.name == "adamw8bit":
             self.optimizer: torch.optim.Optimizer = _Bnb8bitStateStandIn(self.params)
         else:
@@ -451,7 +483,9 @@ class _Step:
                 _materialize(net, dtype, home, memo)
             net.register_forward_pre_hook(lambda mod, args: self.tracker.tag(list(mod.parameters()), "parameters"))
             nbytes = _module_bytes(net)
-            where = "on the device" if home == "cpu" else "in host RAM, on the device only while scoring"
+            where = {"none": "on the device", "cpu": "in host RAM, on the device only while scoring",
+                     "sequential": "in host RAM, streamed to the device layer by layer while scoring"}[
+                self.cfg.rewards.offload]
             self.resident[f"reward {label} ({net.shape.clip})"] = nbytes if home == "cpu" else 0
             self.notes.append(f"reward {label}: {net.shape.clip}, {nbytes / GiB:.2f} GiB of weights {where}")
         return entries

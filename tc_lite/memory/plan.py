@@ -31,7 +31,7 @@ from tc_lite.memory.estimate import GiB, MemoryEstimate, estimate_memory
 
 RESERVE_GIB = 0.75
 FRAGMENTATION = 0.08
-_CACHE_VERSION = "memory-estimate-v3"  # bump when the estimator changes what it counts
+_CACHE_VERSION = "memory-estimate-v4"  # bump when the estimator changes what it counts
 
 
 def budget_bytes(vram_gb: float) -> int:

@@ -140,6 +140,13 @@ def attach_sequential(module: nn.Module, device: torch.device | str) -> nn.Modul
             for n, t in list(sub._buffers.items()):
                 if t is not None:
                     sub._buffers[n] = t.to(target)
+    checkpoint_layers(module)
+    return module
+
+
+def checkpoint_layers(module: nn.Module) -> None:
+    """Wrap every transformer layer of `module` in activation checkpointing (see `_checkpointed_forward`), so the
+    weights a layer fetched are not kept for the backward; idempotent."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # transformers < 4.52: no common layer class; checkpoint CLIP's encoder layers by name
@@ -148,7 +155,6 @@ def attach_sequential(module: nn.Module, device: torch.device | str) -> nn.Modul
         is_layer = isinstance(sub, GradientCheckpointingLayer) or type(sub).__name__.endswith("EncoderLayer")
         if is_layer and not getattr(sub.forward, "_tc_lite_checkpointed", False):
             sub.forward = _checkpointed_forward(sub.forward)
-    return module
 
 
 def detach_sequential(module: nn.Module) -> nn.Module:
