@@ -202,6 +202,15 @@ class Recipe:
         self.schedule.step()
         return norm, finite
 
+    def step_was_good(self, loss: float, applied: bool) -> bool:
+        """Whether a step counts toward `train.max_bad_steps`. With fp16 loss scaling, overflowing gradients are the
+        GradScaler's business: it skips the step and halves its scale (from 65536, a few skips at the start of a
+        run are normal). Only once the scale has fallen below 1 do non-finite gradients mean a real fault."""
+        if not math.isfinite(loss):
+            return False
+        scaler = self.precision.scaler
+        return applied or (scaler.is_enabled() and scaler.get_scale() >= 1.0)
+
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -354,7 +363,7 @@ class Recipe:
             raise UserError(out_of_memory_message(cfg)) from None
         norm, applied = self.optimizer_step()
         self.step += 1
-        self.bad_steps = 0 if applied and math.isfinite(stats.loss) else self.bad_steps + 1
+        self.bad_steps = 0 if self.step_was_good(stats.loss, applied) else self.bad_steps + 1
         if self.bad_steps >= cfg.train.max_bad_steps:
             raise UserError(
                 f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "

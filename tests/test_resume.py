@@ -111,6 +111,23 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path, tiny_compo
     assert not (tmp_path / "tiny_cpu.safetensors").exists()
 
 
+def test_fp16_loss_scale_backoff_is_not_a_bad_step(tmp_path, tiny_components):
+    """With a GradScaler, overflowing gradients first lower the scale (skipped steps, not counted); only below a
+    scale of 1 do they count toward max_bad_steps."""
+    cfg = load_config(TINY, [f"output.dir={tmp_path}", *COMMON, "train.max_bad_steps=2", "train.steps=20",
+                             "rewards.terms.redness.weight=0", "rewards.terms.bad.type=tests.test_resume:InfiniteGradient"])
+    recipe = Recipe(cfg, log=lambda s: None).setup()
+    recipe.precision.scaler = torch.amp.GradScaler("cpu", enabled=True)  # as fp16 on CUDA does
+    for _ in range(4):
+        record = recipe.train_step()
+        assert record["skipped"] and record["bad_steps"] == 0
+    assert recipe.precision.scaler.get_scale() == 65536.0 / 2**4
+    recipe.precision.scaler.update(new_scale=0.5)  # the scale has collapsed: the gradients are not just overflowing
+    recipe.train_step()
+    with pytest.raises(UserError, match="2 consecutive steps had a non-finite"):
+        recipe.train_step()
+
+
 def test_long_prompts_warn_that_they_are_truncated(tmp_path, tiny_components):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square\n" + "a very long prompt " * 30 + "\n")
