@@ -199,7 +199,8 @@ class Recipe:
             scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()
+        if finite:  # as accelerate does: a skipped update does not advance the LR schedule either
+            self.schedule.step()
         return norm, finite
 
     def step_was_good(self, loss: float, applied: bool) -> bool:
