@@ -122,3 +122,30 @@ def test_out_of_memory_message_halves_the_batch_only_when_it_can():
     assert "8.33 GiB" in b4 and "train.batch_size=2 with train.grad_accum=2" in b4
     b1 = out_of_memory_message(load_config(ROOT / "presets/aesthetic.yaml", []), estimate=lambda c: None)
     assert "train.batch_size" not in b1 and "estimates" not in b1 and "memory.checkpoint_vae=true" in b1
+
+
+def test_fp16_loss_scaled_step_matches_the_fp32_gradient(tmp_path, tiny_components, monkeypatch):
+    """The CUDA fp16 path, emulated on the CPU: frozen UNet and VAE natively in fp16, the LoRA encoder under fp16
+    autocast, the loss scaled by a GradScaler. Its unscaled LoRA gradient is the fp32 one up to fp16 rounding."""
+    from tc_lite import train
+    from tc_lite.precision import Precision
+    from tc_lite.train import StepStats, step_generator
+
+    def one_step_grad(precision: Precision | None, out: str) -> torch.Tensor:
+        if precision is not None:
+            monkeypatch.setattr(train, "resolve_precision", lambda memory: precision)
+        recipe = Recipe(tiny_cfg(tmp_path / out, "logging.sample_every=0", "memory.checkpoint_unet=true",
+                                 "memory.checkpoint_vae=true"), log=lambda s: None).setup()
+        with torch.no_grad():  # a non-zero LoRA, so that every LoRA weight gets a gradient
+            for p in recipe.params:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        recipe.micro_step(["a red square", "a blue circle"], step_generator(0, 0, 0), StepStats())
+        scale = recipe.precision.scaler.get_scale() if recipe.precision.scaler.is_enabled() else 1.0
+        assert next(recipe.components.unet.parameters()).dtype == (torch.float32 if precision is None else torch.float16)
+        return torch.cat([p.grad.flatten() for p in recipe.params]) / scale
+
+    g32 = one_step_grad(None, "fp32")
+    g16 = one_step_grad(Precision(torch.device("cpu"), "fp16", torch.float16, torch.amp.GradScaler("cpu")), "fp16")
+    assert torch.isfinite(g16).all()
+    cos = torch.nn.functional.cosine_similarity(g16, g32, dim=0)
+    assert cos > 0.999 and 0.98 < g16.norm() / g32.norm() < 1.02, (cos, g16.norm(), g32.norm())  # 1.0000, 0.996

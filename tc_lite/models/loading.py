@@ -108,10 +108,16 @@ def freeze_and_cast(components: SDComponents, dtype: torch.dtype) -> None:
 
 
 def _cast(components: SDComponents, dtype: torch.dtype) -> None:
-    """Cast only what differs: diffusers warns on every `.to(dtype)`, even a no-op one."""
+    """Cast only what differs. diffusers' `.to(dtype)` warns about "modules that should be kept in float32" on
+    every call, even when there are none (SD1.5's UNet and VAE); then the plain `nn.Module.to` is used, and the
+    warning stays for a model that does name fp32 modules."""
     for module in (components.text_encoder, components.unet, components.vae, components.text_encoder_2):
-        if module is not None and any(p.dtype != dtype for p in module.parameters()):
+        if module is None or all(p.dtype == dtype for p in module.parameters()):
+            continue
+        if getattr(module, "_keep_in_fp32_modules", None):
             module.to(dtype=dtype)
+        else:
+            torch.nn.Module.to(module, dtype=dtype)
 
 
 def _looks_like_path(source: str) -> bool:
