@@ -125,8 +125,8 @@ def test_out_of_memory_message_halves_the_batch_only_when_it_can():
 
 
 def test_fp16_loss_scaled_step_matches_the_fp32_gradient(tmp_path, tiny_components, monkeypatch):
-    """The CUDA fp16 path, emulated on the CPU: frozen UNet and VAE natively in fp16, the LoRA encoder under fp16
-    autocast, the loss scaled by a GradScaler. Its unscaled LoRA gradient is the fp32 one up to fp16 rounding."""
+    """The CUDA fp16 path, emulated on the CPU: frozen UNet, VAE and encoder base natively in fp16 (peft runs the
+    fp32 LoRA branch), the loss scaled by a GradScaler. Its unscaled LoRA gradient is the fp32 one up to fp16 rounding."""
     from tc_lite import train
     from tc_lite.precision import Precision
     from tc_lite.train import StepStats, step_generator
