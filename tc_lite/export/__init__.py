@@ -1,0 +1,56 @@
+"""Export what training made, in every format people load: kohya, peft, diffusers, and a merged text encoder.
+
+- kohya ``.safetensors`` (the main output): what A1111 (``<lora:name:w>``), ComfyUI (``LoraLoader``, strength_clip)
+  and diffusers (``pipe.load_lora_weights``) all load. Names are canonical ``lora_te_text_model_encoder_layers_…``
+  whatever transformers is installed, alpha is the real alpha (not the rank), and the metadata carries the ``ss_*``
+  keys A1111 reads to file the LoRA under SD1 with the right alias (DESIGN §3).
+- peft adapter folder and diffusers ``pytorch_lora_weights.safetensors``: for Python users of those libraries.
+- a merged encoder (``text_model.…`` names): for tools that swap text encoders, and the natural output of a full
+  fine-tune, which can also be turned into a LoRA by truncated SVD (:func:`extract_lora`, error reported).
+
+Modules: ``kohya`` (the kohya file and state dict), ``peft_format``, ``diffusers_format``, ``encoder`` (merged
+encoder and canonical names), ``extract`` (SVD), ``reading`` (any of these back in).
+"""
+
+from tc_lite.export.diffusers_format import export_diffusers
+from tc_lite.export.encoder import (
+    canonical_encoder_key,
+    encoder_state_dict,
+    export_encoder,
+    load_encoder_weights,
+    merge_lora,
+    update_retention,
+)
+from tc_lite.export.extract import Extraction, extract_lora
+from tc_lite.export.kohya import (
+    export_kohya,
+    kohya_metadata,
+    lora_groups,
+    read_kohya,
+    safetensors_hashes,
+    save_dtype_of,
+    write_kohya,
+)
+from tc_lite.export.peft_format import export_peft
+from tc_lite.export.reading import read_tuned
+
+__all__ = [
+    "Extraction",
+    "canonical_encoder_key",
+    "encoder_state_dict",
+    "export_diffusers",
+    "export_encoder",
+    "export_kohya",
+    "export_peft",
+    "extract_lora",
+    "kohya_metadata",
+    "load_encoder_weights",
+    "lora_groups",
+    "merge_lora",
+    "read_kohya",
+    "read_tuned",
+    "safetensors_hashes",
+    "save_dtype_of",
+    "update_retention",
+    "write_kohya",
+]

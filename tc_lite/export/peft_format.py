@@ -1,0 +1,82 @@
+"""The peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), named for the installed
+transformers' module tree; its LoraConfig arguments are shared with the diffusers export."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tc_lite.export.kohya import (
+    _TARGET_ORDER,
+    CANONICAL_PREFIX,
+    _cast_lora,
+    _check_dtype,
+    _uniform_rank,
+    lora_groups,
+)
+from tc_lite.io import save_json_atomic, save_safetensors_atomic
+
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+@functools.lru_cache(maxsize=1)
+def encoder_has_text_model() -> bool:
+    """Whether the installed transformers' CLIPTextModel keeps the ``text_model`` submodule (< 5.6) or not."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, max_position_embeddings=4)
+    with torch.device("meta"):
+        return hasattr(CLIPTextModel(cfg), "text_model")
+
+
+def _lora_config_kwargs(groups: list, rank: int, module_prefix: str) -> dict[str, Any]:
+    """LoraConfig arguments reproducing ``groups``: target names, rank, the common alpha and any exceptions."""
+    alphas = [alpha for *_, alpha in groups]
+    common = max(set(alphas), key=alphas.count)
+    layers = sorted({k[0] for k, *_ in groups})
+    projs = sorted({k[2] for k, *_ in groups}, key=_TARGET_ORDER.get)
+    every = {(layer, p) for layer in layers for p in projs} == {(k[0], k[2]) for k, *_ in groups}
+    # proj names match every layer; exact paths only when the LoRA covers some layers but not others
+    targets = projs if every else [f"{module_prefix}encoder.layers.{k[0]}.{k[1]}.{k[2]}" for k, *_ in groups]
+    pattern = {f"{module_prefix}encoder.layers.{k[0]}.{k[1]}.{k[2]}": a for k, _, _, a in groups if a != common}
+    return {"r": rank, "lora_alpha": common, "target_modules": targets, "alpha_pattern": pattern,
+            "lora_dropout": 0.0, "bias": "none"}
+
+
+def export_peft(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike[str], *,
+                save_dtype: torch.dtype = torch.float16, base_model: str | None = None,
+                source: str = "LoRA") -> Path:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) as ``save_pretrained`` writes it.
+
+    Loads with ``PeftModel.from_pretrained(CLIPTextModel…, folder)`` and ``text_encoder.load_adapter(folder)``.
+    peft matches parameter names exactly, so the names follow the module tree of the INSTALLED transformers
+    (``base_model.model.encoder.layers…`` on >= 5.6, ``…text_model.encoder.layers…`` before); export again after
+    switching across that version (the kohya and diffusers files do not have this limitation).
+    """
+    from peft import LoraConfig
+
+    _check_dtype(save_dtype)
+    groups = lora_groups(lora, source)
+    rank = _uniform_rank(groups, source)
+    prefix = CANONICAL_PREFIX if encoder_has_text_model() else ""
+    tensors: dict[str, torch.Tensor] = {}
+    for (layer, block, proj), down, up, _ in groups:
+        path = f"base_model.model.{prefix}encoder.layers.{layer}.{block}.{proj}"
+        tensors[f"{path}.lora_A.weight"] = down
+        tensors[f"{path}.lora_B.weight"] = up
+    out = _cast_lora(tensors, save_dtype, PEFT_WEIGHT_NAME)
+    config = LoraConfig(**_lora_config_kwargs(groups, rank, prefix), base_model_name_or_path=base_model).to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    config["auto_mapping"] = {"base_model_class": "CLIPTextModel",
+                              "parent_library": "transformers.models.clip.modeling_clip"}
+    dest = Path(folder)
+    save_safetensors_atomic(out, dest / PEFT_WEIGHT_NAME, {"format": "pt"})
+    save_json_atomic(config, dest / PEFT_CONFIG_NAME)
+    return dest

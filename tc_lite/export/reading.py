@@ -1,0 +1,114 @@
+"""Read any tc-lite output back (kohya, peft, diffusers, merged encoder; file, folder or state dict) as one of
+the two intermediates, so every command accepts every format."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tc_lite.errors import UserError
+from tc_lite.export.diffusers_format import _DIFFUSERS_META_KEY, DIFFUSERS_WEIGHT_NAME
+from tc_lite.export.encoder import canonical_encoder_key
+from tc_lite.export.kohya import _TARGET_ORDER, _kohya_module, lora_groups, read_kohya
+from tc_lite.export.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
+
+# peft / diffusers LoRA keys, with or without their prefixes and an adapter name, old or new module tree.
+_PEFT_KEY_RE = re.compile(
+    r"^(?:text_encoder\.|base_model\.model\.)?(?:text_model\.)?encoder\.layers\.(?P<layer>\d+)\."
+    r"(?P<block>self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<ab>A|B)(?:\.[\w-]+)?\.weight$"
+)
+
+
+def read_tuned(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """Read any tc-lite output as ("lora", kohya state dict) or ("encoder", canonical encoder state dict).
+
+    Accepts a kohya ``.safetensors``, a diffusers LoRA (file, or folder holding ``pytorch_lora_weights.safetensors``),
+    a peft adapter folder (or its ``adapter_model.safetensors``), a merged / full fine-tuned encoder file or folder,
+    or an in-memory state dict of any of these. Anything else is a ``UserError`` naming the file.
+    """
+    if isinstance(source, Mapping):
+        return _classify(dict(source), {}, None, "state dict")
+    p = Path(source)
+    if p.is_dir():
+        for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, "model.safetensors"):
+            if (p / name).is_file():
+                return read_tuned(p / name)
+        raise UserError(
+            f"{str(p)!r} is a folder without {DIFFUSERS_WEIGHT_NAME}, {PEFT_WEIGHT_NAME} or model.safetensors; "
+            "pass a LoRA .safetensors file or an export folder"
+        )
+    tensors, metadata = read_kohya(p)
+    peft_cfg = None
+    if (p.parent / PEFT_CONFIG_NAME).is_file() and p.name == PEFT_WEIGHT_NAME:
+        try:
+            peft_cfg = json.loads((p.parent / PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{p.parent / PEFT_CONFIG_NAME}: unreadable ({e}); re-export the peft adapter") from e
+    return _classify(tensors, metadata, peft_cfg, str(p))
+
+
+def _classify(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], peft_cfg: Mapping[str, Any] | None,
+              source: str) -> tuple[str, dict[str, torch.Tensor]]:
+    keys = list(tensors)
+    if keys and all(k.startswith("lora_") for k in keys):
+        lora_groups(tensors, source)  # validate now, with the file's name in the message
+        return "lora", tensors
+    if keys and any(".lora_A" in k or ".lora_B" in k for k in keys):
+        return "lora", _peft_to_kohya(tensors, metadata, peft_cfg, source)
+    if any(k.endswith("self_attn.q_proj.weight") for k in keys) and not any("lora" in k for k in keys):
+        if any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")) for k in keys):
+            raise UserError(f"{source}: is a whole Stable Diffusion checkpoint; pass it as the base model instead")
+        return "encoder", {canonical_encoder_key(k): v for k, v in tensors.items()}
+    raise UserError(
+        f"{source}: not a text-encoder LoRA or text encoder (first keys: {', '.join(keys[:3]) or 'none'}); "
+        "pass a file written by `tc_lite export` or by training"
+    )
+
+
+def _peft_alpha(metadata: Mapping[str, str], peft_cfg: Mapping[str, Any] | None, rank: int) -> tuple[float, dict]:
+    """(default alpha, alpha_pattern) from a peft adapter_config or diffusers' lora_adapter_metadata."""
+    if peft_cfg is not None:
+        return float(peft_cfg.get("lora_alpha", rank)), dict(peft_cfg.get("alpha_pattern") or {})
+    raw = metadata.get(_DIFFUSERS_META_KEY)
+    if raw:
+        meta = json.loads(raw)
+        return float(meta.get("text_encoder.lora_alpha", rank)), dict(meta.get("text_encoder.alpha_pattern") or {})
+    return float(rank), {}  # no config: diffusers then uses alpha = rank
+
+
+def _peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                   peft_cfg: Mapping[str, Any] | None, source: str) -> dict[str, torch.Tensor]:
+    parts: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for k, v in tensors.items():
+        m = _PEFT_KEY_RE.match(k)
+        if m is None:
+            unknown.append(k)
+            continue
+        parts.setdefault((int(m["layer"]), m["block"], m["proj"]), {})[m["ab"]] = v
+    if unknown:
+        raise UserError(
+            f"{source}: {len(unknown)} key(s) are not SD1 text-encoder LoRA keys (first: {unknown[0]}); "
+            "UNet and SDXL LoRAs are not supported here"
+        )
+    incomplete = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
+    if incomplete:
+        raise UserError(f"{source}: lora_A/lora_B missing for layer {incomplete[0]}; the file is truncated")
+    rank = int(next(iter(parts.values()))["A"].shape[0])
+    alpha, pattern = _peft_alpha(metadata, peft_cfg, rank)
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(parts, key=lambda k: (k[0], _TARGET_ORDER.get(k[2], 9))):
+        name = _kohya_module(*key)
+        module_path = f"encoder.layers.{key[0]}.{key[1]}.{key[2]}"
+        a = next((float(v) for pat, v in pattern.items() if re.fullmatch(rf"(.*\.)?{pat}", module_path)), alpha)
+        out[f"{name}.lora_down.weight"] = parts[key]["A"]
+        out[f"{name}.lora_up.weight"] = parts[key]["B"]
+        out[f"{name}.alpha"] = torch.tensor(a, dtype=torch.float32)
+    lora_groups(out, source)
+    return out
