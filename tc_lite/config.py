@@ -95,6 +95,7 @@ class MemoryConfig:
     checkpoint_vae: bool = True
     cpu_threads: int | None = field(default=None, metadata=_range(1, 1024))  # CPU runs: torch threads (null: default)
     plan: Literal["manual", "auto"] = "manual"  # auto: choose memory switches so the estimate fits vram_gb
+    # None: the CUDA card's total memory (plan: auto only)
     vram_gb: float | None = field(default=None, metadata=_range(1.0, 1024.0))
 
 
@@ -296,8 +297,6 @@ def _check_combinations(cfg: Config, problems: list[str]) -> None:
     if cfg.sampling.prefix_cache == "none" and (s.prefix_variants != 1 or s.prefix_cache_dir is not None):
         key = "prefix_variants" if s.prefix_variants != 1 else "prefix_cache_dir"
         problems.append(f"sampling.{key}: applies to the prefix cache, which is off; set sampling.prefix_cache=lazy or prefill")
-    if cfg.memory.plan == "auto" and cfg.memory.vram_gb is None:
-        problems.append("memory.vram_gb: memory.plan=auto needs the card's memory in GB, e.g. memory.vram_gb=8")
     if cfg.memory.device == "cpu" and cfg.memory.attention == "xformers":
         problems.append("memory.attention: xformers needs a CUDA GPU; use sdpa (or auto)")
     if cfg.lora.mode == "lora" and not cfg.lora.targets:

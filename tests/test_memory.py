@@ -320,3 +320,18 @@ def test_sequential_offload_streams_one_weight_set_at_a_time():
 
     assert reward_params("cpu") == pytest.approx(1.84, abs=0.01)
     assert 0.09 < reward_params("sequential") < 0.12
+
+
+def test_plan_without_vram_gb_sizes_the_card_present(tmp_path, monkeypatch):
+    from tc_lite.errors import UserError
+    from tc_lite.memory import plan as plan_module
+
+    cfg = tiny_cfg(tmp_path, "memory.device=auto", "memory.plan=auto")  # no memory.vram_gb: not a config error
+    estimate, _ = _fake_estimator({"offload": 1.0, "vae": 1.5, "unet": 2.0})
+    monkeypatch.setattr(plan_module, "detected_vram_gb", lambda: None)  # this machine: no CUDA
+    with pytest.raises(UserError, match="PyTorch sees none here.*memory.vram_gb=8"):
+        plan_memory(cfg, estimator=estimate, use_cache=False)
+    monkeypatch.setattr(plan_module, "detected_vram_gb", lambda: 15.75)  # a T4 as torch reports it
+    plan = plan_memory(cfg, estimator=estimate, use_cache=False)
+    assert plan.vram_gb == 15.75 and plan.budget == budget_bytes(15.75)
+    assert plan.reasons[0].startswith("memory plan for a 15.8 GB card")

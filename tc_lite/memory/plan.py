@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from tc_lite.config import Config
 from tc_lite.errors import UserError
 from tc_lite.memory.estimate import GiB, MemoryEstimate, estimate_memory
@@ -48,6 +50,7 @@ class MemoryPlan:
     peak: int
     budget: int
     reasons: list[str] = field(default_factory=list)
+    vram_gb: float | None = None  # the card planned for (given, or detected)
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,6 @@ def ladder(cfg: Config) -> list[_Rung]:
 
 def _cache_key(cfg: Config) -> str:
     import diffusers
-    import torch
     import transformers
 
     d = cfg.to_dict()
@@ -137,12 +139,15 @@ def _describe(rung: _Rung, base: Config, est: dict[str, Any]) -> list[str]:
 def plan_memory(cfg: Config, vram_gb: float | None = None, *,
                 estimator: Callable[[Config], MemoryEstimate] = estimate_memory, use_cache: bool = True) -> MemoryPlan:
     """The fastest rung of `ladder(cfg)` whose estimate fits `vram_gb` (default `cfg.memory.vram_gb`)."""
-    vram = vram_gb if vram_gb is not None else cfg.memory.vram_gb
-    if vram is None:
-        raise UserError("memory.vram_gb: memory.plan=auto needs the card's memory in GB, e.g. memory.vram_gb=8")
     base = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, plan="manual"))
     if base.memory.device == "cpu":
         return MemoryPlan(base, True, 0, 0, ["memory.plan=auto: memory.device is cpu; nothing to plan (it sizes GPUs)"])
+    vram = vram_gb if vram_gb is not None else cfg.memory.vram_gb
+    if vram is None:
+        vram = detected_vram_gb()
+    if vram is None:
+        raise UserError("memory.vram_gb: memory.plan=auto sizes the run for a GPU, and PyTorch sees none here to "
+                        "measure; give the card's memory in GB, e.g. memory.vram_gb=8")
     budget = budget_bytes(vram)
     rungs = ladder(base)
     peaks: dict[int, dict[str, Any]] = {}
@@ -155,8 +160,8 @@ def plan_memory(cfg: Config, vram_gb: float | None = None, *,
     lo, hi = 0, len(rungs) - 1  # find the first rung that fits (peaks do not increase along the ladder)
     if peak(hi) > budget:
         lean = rungs[hi].apply(base)
-        return MemoryPlan(lean, False, peak(hi), budget, [
-            (f"memory plan for a {vram:g} GB card: budget {budget / GiB:.2f} GiB (less {RESERVE_GIB} GiB for the CUDA "
+        return MemoryPlan(lean, False, peak(hi), budget, vram_gb=vram, reasons=[
+            (f"memory plan for a {vram:.3g} GB card: budget {budget / GiB:.2f} GiB (less {RESERVE_GIB} GiB for the CUDA "
             f"context and {FRAGMENTATION:.0%} for fragmentation)"),
             (f"does not fit: even the leanest settings need {peak(hi) / GiB:.2f} GiB (batch {rungs[hi].batch_size}, "
             "everything checkpointed and offloaded); lower sampling.height/width (memory grows with the pixel "
@@ -169,12 +174,19 @@ def plan_memory(cfg: Config, vram_gb: float | None = None, *,
             lo = mid + 1
     chosen = rungs[lo]
     est = peaks[lo]
-    reasons = [(f"memory plan for a {vram:g} GB card: budget {budget / GiB:.2f} GiB (less {RESERVE_GIB} GiB for the "
+    reasons = [(f"memory plan for a {vram:.3g} GB card: budget {budget / GiB:.2f} GiB (less {RESERVE_GIB} GiB for the "
                f"CUDA context and {FRAGMENTATION:.0%} for fragmentation)"),
                *_describe(chosen, base, est),
                f"estimated peak {peak(lo) / GiB:.2f} GiB (in {est['peak_phase']})"
                + (f"; the next faster settings need {peak(lo - 1) / GiB:.2f} GiB" if lo > 0 and lo - 1 in peaks else "")]
-    return MemoryPlan(chosen.apply(base), True, peak(lo), budget, reasons)
+    return MemoryPlan(chosen.apply(base), True, peak(lo), budget, reasons, vram_gb=vram)
+
+
+def detected_vram_gb() -> float | None:
+    """The current CUDA card's total memory in GiB (what `memory.vram_gb` means), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
 
 
 def apply_memory_plan(cfg: Config, log: Callable[[str], None] = print, **plan_kwargs: Any) -> Config:
@@ -186,5 +198,5 @@ def apply_memory_plan(cfg: Config, log: Callable[[str], None] = print, **plan_kw
     for line in plan.reasons:
         log(line)
     if not plan.fits:
-        raise UserError(f"memory.vram_gb={cfg.memory.vram_gb:g}: {plan.reasons[-1]}")
+        raise UserError(f"memory.vram_gb={plan.vram_gb:.3g}: {plan.reasons[-1]}")
     return plan.config
