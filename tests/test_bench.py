@@ -26,6 +26,15 @@ def test_bench_memory_json_and_table(capsys):
     assert main(["bench", "memory", TINY, "--no-measure"]) == 0
     table = capsys.readouterr().out
     assert "estimated peak GPU memory" in table and "grad steps backward" in table
+    assert "smallest card" not in table  # the tiny preset runs on the CPU: no card to size
+
+
+def test_bench_memory_names_the_smallest_card(capsys):
+    from tc_lite.memory.plan import budget_bytes
+
+    assert main(["bench", "memory", TINY, "memory.device=auto", "--json", "--no-measure"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert abs(budget_bytes(out["smallest_card_gb"]) - out["peak_bytes"]) < 0.01 * 2**30
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

@@ -141,6 +141,10 @@ def _memory(args: argparse.Namespace) -> int:
         raise UserError("bench memory --measure: needs a CUDA GPU (PyTorch sees none); the estimate needs none")
     est = estimate_memory(cfg, exact=args.exact)
     out: dict[str, Any] = est.to_dict()
+    if cfg.memory.device != "cpu":
+        from tc_lite.memory.plan import FRAGMENTATION, RESERVE_GIB, smallest_card_gb
+
+        out["smallest_card_gb"] = round(smallest_card_gb(est.peak), 2)
     if measure:
         real = measure_peak(cfg, log=lambda m: None)
         out["measured"] = {**real, "device": torch.cuda.get_device_name(),
@@ -149,6 +153,9 @@ def _memory(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(est.format())
+    if "smallest_card_gb" in out:
+        print(f"  smallest card it fits: {out['smallest_card_gb']:.1f} GB (memory.plan's margin: {RESERVE_GIB} GiB "
+              f"for the CUDA context, {FRAGMENTATION:.0%} for fragmentation)")
     if "measured" in out:
         m = out["measured"]
         print(f"\nmeasured on {m['device']}: max_memory_allocated {m['max_allocated'] / GiB:.2f} GiB "

@@ -41,6 +41,11 @@ def budget_bytes(vram_gb: float) -> int:
     return int((vram_gb * (1 - FRAGMENTATION) - RESERVE_GIB) * GiB)
 
 
+def smallest_card_gb(peak_bytes: int) -> float:
+    """The smallest card (GB, as `memory.vram_gb`) whose budget holds `peak_bytes`: `budget_bytes` inverted."""
+    return (peak_bytes / GiB + RESERVE_GIB) / (1 - FRAGMENTATION)
+
+
 @dataclass
 class MemoryPlan:
     """The adjusted config, whether it fits, and one line per decision (printed at start-up)."""
