@@ -290,20 +290,24 @@ def test_ladder_keeps_effective_batch_for_odd_sizes(tmp_path):
     assert rungs[-1].offload == "sequential"
 
 
-TARGETED = ["aesthetic.yaml", "all-rewards.yaml", "aesthetic-b4-12gb.yaml"]
+STATED = sorted(p.name for p in (ROOT / "presets").glob("*.yaml") if "peak of one step" in p.read_text())
 
 
-@pytest.mark.parametrize("name", TARGETED)
-def test_preset_headers_state_the_current_estimate_and_it_meets_the_target(name):
-    """Each header says "Memory target <= X GiB" and "Estimated peak of one step: Y GiB": Y must be what the
-    estimator says today (a change to the step's memory must update the header) and must not exceed X."""
+@pytest.mark.parametrize("name", STATED)
+def test_preset_headers_state_the_current_estimate_and_meet_their_target(name):
+    """A header that says "estimated peak of one step: Y GiB" must say what the estimator says today (a change to
+    the step's memory must update the header), and Y must not exceed its "Memory target <= X GiB" if it has one."""
     text = (ROOT / "presets" / name).read_text()
     header = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
-    target = float(re.search(r"Memory target <= ([\d.]+) GiB", header).group(1))
-    stated = float(re.search(r"Estimated peak of one step: ([\d.]+) GiB", header).group(1))
+    stated = float(re.search(r"[Ee]stimated peak of one step:? ([\d.]+) GiB", header).group(1))
     est = estimate_memory(load_config(ROOT / "presets" / name))
     assert est.peak_gib == pytest.approx(stated, abs=0.006), f"{name}: header says {stated}, estimate {est.peak_gib:.3f}"
-    assert est.peak_gib <= target
+    target = re.search(r"Memory target <= ([\d.]+) GiB", header)
+    assert target is None or est.peak_gib <= float(target.group(1))
+
+
+def test_the_issue_targets_are_stated():
+    assert {"aesthetic.yaml", "all-rewards.yaml", "aesthetic-b4-12gb.yaml"} <= set(STATED)
 
 
 def test_sequential_offload_streams_one_weight_set_at_a_time():
