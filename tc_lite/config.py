@@ -294,9 +294,10 @@ def _check_combinations(cfg: Config, problems: list[str]) -> None:
         problems.append("sampling.prefix_cache: DPM++ carries a multistep history the cached latent does not hold; use ddim or euler")
     if cfg.sampling.prefix_cache != "none" and cfg.sampling.grad_steps_min is not None:
         problems.append("sampling.prefix_cache: random truncation (grad_steps_min) changes where the prefix ends; unset one of them")
-    if cfg.sampling.prefix_cache == "none" and (s.prefix_variants != 1 or s.prefix_cache_dir is not None):
-        key = "prefix_variants" if s.prefix_variants != 1 else "prefix_cache_dir"
-        problems.append(f"sampling.{key}: applies to the prefix cache, which is off; set sampling.prefix_cache=lazy or prefill")
+    if cfg.sampling.prefix_cache == "none":
+        for key, is_set in (("prefix_variants", s.prefix_variants != 1), ("prefix_cache_dir", s.prefix_cache_dir is not None)):
+            if is_set:
+                problems.append(f"sampling.{key}: applies to the prefix cache, which is off; set sampling.prefix_cache=lazy or prefill")
     if cfg.memory.device == "cpu" and cfg.memory.attention == "xformers":
         problems.append("memory.attention: xformers needs a CUDA GPU; use sdpa (or auto)")
     if cfg.lora.mode == "lora" and not cfg.lora.targets:

@@ -458,8 +458,10 @@ class Interrupted(UserError):
 def out_of_memory_message(cfg: Config, estimate: Callable[[Config], float | None] | None = None) -> str:
     """What to change after a CUDA OOM: the estimator's figure for this config beside the card's size, and the
     keys that lower memory. `estimate` (GiB, or None when it cannot tell) is injectable for tests."""
+    from .memory.plan import detected_vram_gb
+
     need = (estimate or estimated_peak_gib)(cfg)
-    card = cuda_total_gib()
+    card = detected_vram_gb()
     sizes = ""
     if need is not None:
         sizes = (f"tc-lite estimates this step at {need:.2f} GiB plus ~0.5 GiB of CUDA context"
@@ -483,12 +485,6 @@ def estimated_peak_gib(cfg: Config) -> float | None:
         return cached_estimate(cfg)["peak_bytes"] / GiB
     except Exception:  # noqa: BLE001 -- a message helper must never raise over the error it explains
         return None
-
-
-def cuda_total_gib() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
 
 
 def run_training(cfg: Config, log: Callable[[str], None] = print) -> Path:

@@ -184,3 +184,6 @@ def test_variants_and_a_shared_cache_dir(tmp_path, tiny_components):
 def test_prefix_options_without_the_cache_are_config_errors(tmp_path):
     with pytest.raises(UserError, match="sampling.prefix_variants: applies to the prefix cache"):
         tiny_cfg(tmp_path, "sampling.prefix_variants=3")
+    with pytest.raises(UserError) as both:  # every problem at once
+        tiny_cfg(tmp_path, "sampling.prefix_variants=3", f"sampling.prefix_cache_dir={tmp_path}")
+    assert "sampling.prefix_variants: applies" in str(both.value) and "sampling.prefix_cache_dir: applies" in str(both.value)

@@ -130,11 +130,15 @@ def measure_peak(cfg: Any, log: Callable[[str], None] = print) -> dict[str, int]
 def _memory(args: argparse.Namespace) -> int:
     from tc_lite.config import load_config
     from tc_lite.memory import GiB, estimate_memory
+    from tc_lite.memory.plan import (
+        FRAGMENTATION,
+        RESERVE_GIB,
+        apply_memory_plan,
+        smallest_card_gb,
+    )
 
     cfg = load_config(args.preset, args.overrides)
     if cfg.memory.plan == "auto":  # estimate what the run would use
-        from tc_lite.memory.plan import apply_memory_plan
-
         cfg = apply_memory_plan(cfg, log=(lambda m: None) if args.json else print)
     measure = args.measure if args.measure is not None else torch.cuda.is_available()
     if measure and not torch.cuda.is_available():
@@ -142,8 +146,6 @@ def _memory(args: argparse.Namespace) -> int:
     est = estimate_memory(cfg, exact=args.exact)
     out: dict[str, Any] = est.to_dict()
     if cfg.memory.device != "cpu":
-        from tc_lite.memory.plan import FRAGMENTATION, RESERVE_GIB, smallest_card_gb
-
         out["smallest_card_gb"] = round(smallest_card_gb(est.peak), 2)
     if measure:
         real = measure_peak(cfg, log=lambda m: None)

@@ -46,6 +46,11 @@ def smallest_card_gb(peak_bytes: int) -> float:
     return (peak_bytes / GiB + RESERVE_GIB) / (1 - FRAGMENTATION)
 
 
+def _budget_line(vram: float, budget: int) -> str:
+    return (f"memory plan for a {vram:.3g} GB card: budget {budget / GiB:.2f} GiB (less {RESERVE_GIB} GiB for the CUDA "
+            f"context and {FRAGMENTATION:.0%} for fragmentation)")
+
+
 @dataclass
 class MemoryPlan:
     """The adjusted config, whether it fits, and one line per decision (printed at start-up)."""
@@ -166,8 +171,7 @@ def plan_memory(cfg: Config, vram_gb: float | None = None, *,
     if peak(hi) > budget:
         lean = rungs[hi].apply(base)
         return MemoryPlan(lean, False, peak(hi), budget, vram_gb=vram, reasons=[
-            (f"memory plan for a {vram:.3g} GB card: budget {budget / GiB:.2f} GiB (less {RESERVE_GIB} GiB for the CUDA "
-            f"context and {FRAGMENTATION:.0%} for fragmentation)"),
+            _budget_line(vram, budget),
             (f"does not fit: even the leanest settings need {peak(hi) / GiB:.2f} GiB (batch {rungs[hi].batch_size}, "
             "everything checkpointed and offloaded); lower sampling.height/width (memory grows with the pixel "
             "count) or use a card with more memory")])
@@ -179,8 +183,7 @@ def plan_memory(cfg: Config, vram_gb: float | None = None, *,
             lo = mid + 1
     chosen = rungs[lo]
     est = peaks[lo]
-    reasons = [(f"memory plan for a {vram:.3g} GB card: budget {budget / GiB:.2f} GiB (less {RESERVE_GIB} GiB for the "
-               f"CUDA context and {FRAGMENTATION:.0%} for fragmentation)"),
+    reasons = [_budget_line(vram, budget),
                *_describe(chosen, base, est),
                f"estimated peak {peak(lo) / GiB:.2f} GiB (in {est['peak_phase']})"
                + (f"; the next faster settings need {peak(lo - 1) / GiB:.2f} GiB" if lo > 0 and lo - 1 in peaks else "")]
