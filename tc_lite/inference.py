@@ -24,24 +24,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-from tc_lite.decode import decode
+from tc_lite.conditioning import Cond
 from tc_lite.errors import UserError
+from tc_lite.families import family_of
 from tc_lite.lora import has_lora, load_kohya_state_dict, lora_disabled
 from tc_lite.models.components import SDComponents
-from tc_lite.sampling import (
-    SCHEDULERS,
-    Cond,
-    DenoisePlan,
-    Denoiser,
-    TextConditioner,
-    make_scheduler,
-)
+from tc_lite.render import RenderPlan, Renderer
+from tc_lite.sampling import SCHEDULERS
 
 __all__ = [
     "PromptEmbeddings",
@@ -52,10 +48,12 @@ __all__ = [
     "plain_copy",
     "sample_images",
     "tuned_encoder",
+    "tuned_encoders",
 ]
 
-# A path (LoRA file/folder or full-encoder file), a kohya state dict, or a ready tuned encoder module.
-TunedSource = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
+# A path (LoRA file/folder or full-encoder file), a kohya state dict, a ready tuned encoder module, or a mapping of
+# the family's encoder slot names to ready modules.
+TunedSource = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module | Mapping[str, torch.nn.Module]
 
 
 # --------------------------------------------------------------------------------------------------- encoders
@@ -80,12 +78,12 @@ def _base_dtype(encoder: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def tuned_encoder(base: torch.nn.Module, source: TunedSource) -> torch.nn.Module:
-    """The tuned encoder described by ``source``, built on a copy of ``base`` (``base`` itself is not modified).
+def tuned_encoder(base: torch.nn.Module, source: TunedSource, *, prefix: str = "lora_te") -> torch.nn.Module:
+    """One tuned encoder described by ``source``, built on a copy of ``base`` (``base`` itself is not modified).
 
     A module is returned as is. A path or state dict is read with :func:`tc_lite.export.read_tuned`, which
     recognises kohya / diffusers / peft LoRAs and full-encoder files and raises a ``UserError`` naming the file
-    for anything else (wrong base model included).
+    for anything else (wrong base model included). ``prefix``: the kohya prefix of this encoder's modules.
     """
     if isinstance(source, torch.nn.Module):
         return source
@@ -95,21 +93,50 @@ def tuned_encoder(base: torch.nn.Module, source: TunedSource) -> torch.nn.Module
     kind, sd = read_tuned(source)
     te = plain_copy(base)
     if kind == "lora":
-        return load_kohya_state_dict(te, sd, source=label).eval()
+        return load_kohya_state_dict(te, sd, source=label, prefix=prefix).eval()
     from tc_lite.export import load_encoder_weights
 
     load_encoder_weights(te, sd, source=label)
     return te.eval()
 
 
+def tuned_encoders(components: Any, source: TunedSource,
+                   base_encoders: Mapping[str, torch.nn.Module] | None = None) -> dict[str, torch.nn.Module]:
+    """The tuned encoder of every slot of the components' family that ``source`` changes, by slot name.
+
+    ``source``: a LoRA or full-encoder file / state dict (the family's kohya prefixes say which slot each module
+    belongs to), a module (the first slot's tuned encoder), or a mapping of slot names to modules."""
+    family = family_of(components)
+    base = dict(base_encoders or family.encoders(components))
+    if isinstance(source, Mapping) and source and all(isinstance(v, torch.nn.Module) for v in source.values()):
+        return dict(source)  # type: ignore[arg-type]
+    if isinstance(source, torch.nn.Module) or len(family.slots) == 1:
+        slot = family.slots[0]
+        return {slot.name: tuned_encoder(base[slot.name], source, prefix=slot.kohya_prefix)}  # type: ignore[arg-type]
+    from tc_lite.export import read_tuned
+
+    kind, sd = read_tuned(source)  # type: ignore[arg-type]
+    out = {}
+    for slot in family.slots:
+        own = {k: v for k, v in sd.items() if k.startswith(slot.kohya_prefix + "_")}
+        if own:
+            out[slot.name] = tuned_encoder(base[slot.name], own, prefix=slot.kohya_prefix)
+    if not out:
+        raise UserError(f"{source}: no module for any text encoder of {family.label} "
+                        f"(prefixes {[s.kohya_prefix for s in family.slots]})")
+    return out
+
+
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was = module.training
-    module.eval()  # a trainer's encoder may carry LoRA dropout: embeddings must be deterministic
+def _eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()  # a trainer's encoder may carry LoRA dropout: embeddings must be deterministic
     try:
         yield
     finally:
-        module.train(was)
+        for m, w in zip(modules, was):
+            m.train(w)
 
 
 # --------------------------------------------------------------------------------------------------- embeddings
@@ -117,30 +144,26 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 @dataclass
 class PromptEmbeddings:
-    """Original and tuned embeddings of ``prompts`` plus the negative prompt, ready to mix.
+    """Original and tuned conditioning of ``prompts`` plus the negative prompt, ready to mix.
 
-    ``orig`` is [P+1, 77, D] (the last row is the negative prompt); ``tuned[i]`` is the same for tuned encoder i.
-    All fp32 on the device of the encoder.
+    ``orig`` holds P+1 rows (the last is the negative prompt); ``tuned[i]`` the same for tuned model i. Every
+    part of the conditioning (hidden states; SDXL's pooled embedding) is mixed. fp32, on the encoders' device.
     """
 
     prompts: list[str]
     negative_prompt: str
-    orig: torch.Tensor
-    tuned: list[torch.Tensor]
+    orig: Cond
+    tuned: list[Cond]
 
-    def mix(self, weights: Sequence[float]) -> torch.Tensor:
+    def mix(self, weights: Sequence[float]) -> Cond:
         """orig + Σᵢ wᵢ·(tunedᵢ − orig); returns ``orig`` itself when every weight is 0 (the exact base model)."""
         if len(weights) != len(self.tuned):
             raise UserError(f"got {len(weights)} weight(s) for {len(self.tuned)} tuned encoder(s); give one per LoRA")
         out = self.orig
         for w, t in zip(weights, self.tuned):
             if float(w) != 0.0:
-                out = out + float(w) * (t - self.orig)
+                out = out.map(lambda o, x, b: o + float(w) * (x - b), t, self.orig)
         return out
-
-
-def _encode(conditioner: TextConditioner, texts: list[str]) -> torch.Tensor:
-    return conditioner.encoder(conditioner.tokenize(texts))[0].float()
 
 
 @torch.no_grad()
@@ -151,29 +174,37 @@ def encode_prompts(
     *,
     negative_prompt: str = "",
     base_encoder: torch.nn.Module | None = None,
+    base_encoders: Mapping[str, torch.nn.Module] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> PromptEmbeddings:
-    """Encode ``prompts`` (and ``negative_prompt``) with the original encoder and with each tuned encoder.
+    """Encode ``prompts`` (and ``negative_prompt``) with the original encoders and with each tuned model.
 
-    ``base_encoder`` is the original encoder; by default ``components.text_encoder`` with any tc-lite LoRA on it
-    disabled (so a trainer's components work as they are). Give it explicitly for full fine-tuning, where the
-    components hold the tuned encoder and the original lives elsewhere. Tuned encoders built from files are made
-    one at a time and dropped after encoding, so mixing several LoRAs costs one extra encoder in memory.
+    The original encoders are by default the components' own with any tc-lite LoRA on them disabled (so a
+    trainer's components work as they are). Give them explicitly (``base_encoders`` by slot, or ``base_encoder``
+    for the first slot) for full fine-tuning, where the components hold the tuned encoder and the original lives
+    elsewhere. Tuned encoders built from files are made one at a time and dropped after encoding, so mixing
+    several LoRAs costs one extra encoder set in memory. ``size``: the image size, for families that condition on it.
     """
     prompts = list(prompts)
     if not prompts:
         raise UserError("no prompts given; pass at least one prompt")
-    base = base_encoder if base_encoder is not None else components.text_encoder
-    device = next(base.parameters()).device
-    texts = [*prompts, negative_prompt]
-    with _eval_mode(base), lora_disabled(base):
-        orig = _encode(TextConditioner(components.tokenizer, base, device), texts)
-    out: list[torch.Tensor] = []
+    family = family_of(components)
+    base = dict(family.encoders(components))
+    if base_encoder is not None:
+        base[family.slots[0].name] = base_encoder
+    base.update(base_encoders or {})
+    with _eval_mode(list(base.values())), contextlib.ExitStack() as stack:
+        for m in base.values():
+            stack.enter_context(lora_disabled(m))
+        orig = family.encode(components, [*prompts, negative_prompt], encoders=base, size=size).to(dtype=torch.float32)
+    device = orig.hidden.device
+    out: list[Cond] = []
     for source in tuned:
-        te = tuned_encoder(base, source)
-        te_device = next(te.parameters()).device
-        with _eval_mode(te):
-            out.append(_encode(TextConditioner(components.tokenizer, te, te_device), texts).to(device))
-        del te
+        encoders = {**base, **tuned_encoders(components, source, base)}
+        with _eval_mode(list(encoders.values())):
+            out.append(family.encode(components, [*prompts, negative_prompt], encoders=encoders, size=size)
+                       .to(device, torch.float32))
+        del encoders
     return PromptEmbeddings(prompts, negative_prompt, orig, out)
 
 
@@ -226,40 +257,20 @@ def sample_images(
     """Render every (prompt, seed) with the embeddings mixed by ``weights`` (one per tuned encoder).
 
     Returns float images [P·S, 3, H, W] in [0, 1] on the CPU, prompt-major: image ``p * len(seeds) + s`` is prompt
-    p with seed s. The initial noise of each image depends only on its seed, so images are comparable across
-    weights, prompts and calls (and match the trainer's sample grids for the same settings). ``tuned_steps=None``
+    p with seed s, through `tc_lite.render` (the trainer's sample grids render the same way). ``tuned_steps=None``
     uses the mixed embedding on every step; N uses it on the last N only (the original before), 0 is the base model.
-    With ``eta > 0`` (stochastic DDIM) images are rendered one at a time so each draws its noise from its own seed.
     """
     h = height or default_size(components)
     w = width or default_size(components)
     seeds = [int(s) for s in seeds]
     _check_args(components, steps, tuned_steps, scheduler, guidance, h, w, seeds)
-    mixed = embeddings.mix(weights)
-    orig = embeddings.orig
-    unet = components.unet
-    device = next(unet.parameters()).device
-    denoiser = Denoiser(unet, make_scheduler(scheduler, components.scheduler), autocast or contextlib.nullcontext)
-    late_n = steps if tuned_steps is None else int(tuned_steps)
-    plan = DenoisePlan(steps=steps, grad_steps=late_n, guidance_scale=float(guidance), checkpoint=False, eta=eta)
-    f = components.vae_scale_factor
-    jobs = [(p, s) for p in range(len(embeddings.prompts)) for s in seeds]
-    size = 1 if eta > 0 else max(1, int(batch_size))
-    images = []
-    for start in range(0, len(jobs), size):
-        batch = jobs[start : start + size]
-        gens = [torch.Generator().manual_seed(s) for _, s in batch]
-        noise = torch.cat([denoiser.initial_latents(1, components.latent_channels, h // f, w // f, g, device)
-                           for g in gens])
-        idx = torch.tensor([p for p, _ in batch], device=orig.device)
-        latents = denoiser.run(
-            noise, plan,
-            early=Cond(orig[idx].to(device)), uncond_early=Cond(orig[-1:].to(device)),
-            late=Cond(mixed[idx].to(device)), uncond_late=Cond(mixed[-1:].to(device)),
-            generator=gens[0],
-        )
-        images.append(decode(components.vae, latents, denoiser.autocast).cpu())
-    return torch.cat(images)
+    mixed, orig = embeddings.mix(weights), embeddings.orig
+    n = len(embeddings.prompts)
+    plan = RenderPlan(steps=steps, guidance_scale=float(guidance), scheduler=scheduler, eta=eta, height=h, width=w,
+                      tuned_steps=tuned_steps, batch_size=batch_size)
+    renderer = Renderer(components, plan, autocast)
+    return renderer.render(mixed.select(slice(0, n)), mixed.select(slice(n, n + 1)), seeds,
+                           base=orig.select(slice(0, n)), base_uncond=orig.select(slice(n, n + 1)))
 
 
 def generate(
@@ -284,7 +295,7 @@ def generate(
 
     ``loras`` is a list of (source, weight): ``[("style.safetensors", 1.0)]`` is the tuned model, weight 0 the base
     model exactly, several entries mix styles. Sources are LoRA files, full-encoder files, kohya state dicts or
-    tuned encoder modules (see :func:`tuned_encoder`); ``base_encoder`` as in :func:`encode_prompts`. The other
+    tuned encoder modules (see :func:`tuned_encoders`); ``base_encoder`` as in :func:`encode_prompts`. The other
     arguments are those of :func:`sample_images`. Runs on the device and dtype of ``components`` (a frozen fp16/bf16
     UNet and VAE run natively in that dtype, as in diffusers' pipelines).
 
@@ -296,9 +307,10 @@ def generate(
     """
     sources = [src for src, _ in loras]
     weights = [float(wt) for _, wt in loras]
+    h = height or default_size(components)
+    w = width or default_size(components)
     emb = encode_prompts(components, prompts, [s for s, wt in zip(sources, weights) if wt != 0.0],
-                         negative_prompt=negative_prompt, base_encoder=base_encoder)
+                         negative_prompt=negative_prompt, base_encoder=base_encoder, size=(h, w))
     return sample_images(components, emb, seeds, [wt for wt in weights if wt != 0.0], tuned_steps=tuned_steps,
-                         steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width, eta=eta,
+                         steps=steps, guidance=guidance, scheduler=scheduler, height=h, width=w, eta=eta,
                          batch_size=batch_size, autocast=autocast)
-

@@ -44,7 +44,7 @@ __all__ = [
 # kohya's six linears per encoder layer; 12 layers x 6 = 72 modules, 216 keys for SD1.
 DEFAULT_TARGETS: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ADAPTER_NAME = "tc_lite"  # distinct from peft's "default" and diffusers' "default_N", so they never collide
-KOHYA_TE_PREFIX = "lora_te"  # SD1; SDXL will use lora_te1 / lora_te2
+KOHYA_TE_PREFIX = "lora_te"  # SD1's; each family names its slots' prefixes (tc_lite.families)
 
 # Which sub-block owns each target; used both to build kohya names and to reject nonsense like mlp.q_proj.
 _BLOCK_OF = {
@@ -258,21 +258,22 @@ def kohya_state_dict(
     return out
 
 
-def _parse_kohya(sd: Mapping[str, torch.Tensor], source: str) -> dict[tuple[int, str, str], dict[str, torch.Tensor]]:
+def _parse_kohya(sd: Mapping[str, torch.Tensor], source: str,
+                 prefix: str = KOHYA_TE_PREFIX) -> dict[tuple[int, str, str], dict[str, torch.Tensor]]:
     """Group kohya keys by (layer, block, proj); reject anything tc-lite cannot load, all at once."""
     groups: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, value in sd.items():
         m = _KOHYA_KEY_RE.match(key)
-        if m is None or m.group("prefix") != KOHYA_TE_PREFIX or _BLOCK_OF[m.group("proj")] != m.group("block"):
+        if m is None or m.group("prefix") != prefix or _BLOCK_OF[m.group("proj")] != m.group("block"):
             unknown.append(key)
             continue
         groups.setdefault((int(m.group("layer")), m.group("block"), m.group("proj")), {})[m.group("part")] = value
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise UserError(
-            f"{source}: {len(unknown)} key(s) are not SD1 text-encoder LoRA keys ({shown}). tc-lite loads only "
-            f"'{KOHYA_TE_PREFIX}_text_model_encoder_layers_N_<module>.(lora_down.weight|lora_up.weight|alpha)'; "
+            f"{source}: {len(unknown)} key(s) are not text-encoder LoRA keys of this model ({shown}). tc-lite loads "
+            f"only '{prefix}_text_model_encoder_layers_N_<module>.(lora_down.weight|lora_up.weight|alpha)'; "
             "use a text-encoder LoRA written by tc-lite (UNet and SDXL LoRAs are not supported here)."
         )
     if not groups:
@@ -290,6 +291,7 @@ def load_kohya_state_dict(
     *,
     source: str = "LoRA state dict",
     adapter: str = ADAPTER_NAME,
+    prefix: str = KOHYA_TE_PREFIX,
 ) -> torch.nn.Module:
     """Load a kohya text-encoder LoRA into ``text_encoder`` (the inverse of :func:`kohya_state_dict`).
 
@@ -298,7 +300,7 @@ def load_kohya_state_dict(
     (scale 1, as A1111 and ComfyUI read it). Also accepts the non-canonical ``lora_te_encoder_layers_…`` names
     some tools write under transformers >= 5.6. ``source`` names the file in error messages.
     """
-    groups = _parse_kohya(sd, source)
+    groups = _parse_kohya(sd, source, prefix)
     by_suffix: dict[tuple[int, str, str], str] = {}
     for name, _ in text_encoder.named_modules():
         m = _MODULE_RE.search(name)

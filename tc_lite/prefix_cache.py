@@ -3,7 +3,7 @@
 Why it is exact: with `sampling.encoder_schedule: two_encoder` the first T−K steps are conditioned by the ORIGINAL
 text encoder and run without gradients, so the latent they reach depends on the frozen UNet and encoder, the
 scheduler, T, K, CFG, the resolution, the negative prompt, the prompt and the starting noise -- never on the weights
-being trained. A training step then only runs the last K steps (`Denoiser.run(..., start=T-K, latents=cached)`):
+being trained. A training step then only runs the last K steps (the cache is the step's `LatentSource`):
 ~K/T of the sampling compute (DESIGN §1, §4: 88 → 9 TFLOP per step at T=50, K=1).
 
 Why the noise must change: the Recipe draws its noise from `step_generator(seed, step, micro)`, which differs at
@@ -14,8 +14,10 @@ diversity per prompt (more epochs over few prompts can overfit those samples; us
 `sampling.prefix_variants: N` for N noises per prompt, one drawn per step: a cache and a prefill N times larger).
 
 Never stale: every entry is stored with the full JSON key it was computed for -- model fingerprint (a checksum of
-every UNet and original-encoder weight, so a changed file under the same name is noticed), scheduler and its
-config, T, K, CFG, eta, resolution, negative prompt, weight precision and device type, prompt and noise seed --
+every weight the prefix reads: the UNet and each text encoder as the adapters' `original()` context shows it, so
+a changed file under the same name is noticed), scheduler and its
+config, T, K, CFG, eta, resolution, negative prompt, weight precision and device type, the family, prompt and
+noise seed --
 and an entry whose stored key is not exactly the expected one is recomputed and replaced, never reused. Files are
 fp16 safetensors (32 KB at 512²), written atomically (`tc_lite.io`), in a folder per cache identity.
 """
@@ -30,11 +32,31 @@ from typing import Any
 
 import torch
 
+from tc_lite.conditioning import Cond
 from tc_lite.errors import UserError
 from tc_lite.io import save_safetensors_atomic, save_text_atomic
-from tc_lite.sampling import Cond, DenoisePlan, Denoiser
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: computed by tc_lite.render (eta noise from each image's own seed generator); family in key
+
+
+def prefix_cache_problems(sampling: Any, adapters: Any = None) -> list[str]:
+    """Why the prefix cache cannot be used with these settings (empty: it can). The one place that decides it;
+    the config check and the cache itself both ask here."""
+    problems = []
+    if sampling.encoder_schedule != "two_encoder":
+        problems.append("sampling.prefix_cache: needs sampling.encoder_schedule=two_encoder (only then do the early "
+                        "steps not depend on the trained weights)")
+    if sampling.scheduler == "dpm++":
+        problems.append("sampling.prefix_cache: DPM++ carries a multistep history the cached latent does not hold; "
+                        "use sampling.scheduler=ddim or euler")
+    if sampling.grad_steps_min is not None:
+        problems.append("sampling.prefix_cache: random truncation (grad_steps_min) changes where the prefix ends; "
+                        "unset one of them")
+    for a in adapters or ():
+        if a.affects_prefix:
+            problems.append(f"sampling.prefix_cache: the {a.kind} on {a.key} changes the no-grad prefix while it "
+                            "trains, so a cached prefix would be stale; turn the cache off")
+    return problems
 
 
 def noise_seed(train_seed: int, prompt: str, variant: int = 0) -> int:
@@ -47,7 +69,7 @@ def weights_fingerprint(*modules: torch.nn.Module | None, skip: Callable[[str], 
     """A checksum of every weight of `modules` (name, shape, dtype, float64 sum, and 8 sampled values per tensor).
 
     One pass over the weights, no copies; catches a different checkpoint behind the same path or hub id. LoRA
-    weights are skipped (they change while training and do not affect the original encoder's output).
+    weights are skipped (the prefix runs with them disabled).
     """
     h = hashlib.sha256()
     for i, module in enumerate(modules):
@@ -63,56 +85,31 @@ def weights_fingerprint(*modules: torch.nn.Module | None, skip: Callable[[str], 
     return h.hexdigest()
 
 
-class _StopAfter:
-    """A scheduler seen through `Denoiser.run` as if it had only its first `stop` timesteps (the prefix)."""
-
-    def __init__(self, inner: Any, stop: int):
-        self.inner = inner
-        self.stop = stop
-        self.step = inner.step  # a bound method: Denoiser inspects its signature for `eta`
-
-    def set_timesteps(self, n: int, device: Any = None) -> None:
-        self.inner.set_timesteps(n, device=device)
-
-    @property
-    def timesteps(self) -> torch.Tensor:
-        return self.inner.timesteps[: self.stop]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 class PrefixCache:
     """Latents after step `start = T−K` per (prompt, noise seed), on disk; computes what is missing.
 
-    `compute_conditioning(prompts) -> (early, uncond_early)` gives the ORIGINAL encoder's conditioning (the Recipe's
-    `conditioner.base(prompts)` and `uncond_base`). `identity` is everything else the prefix depends on (see
-    `prefix_identity`); its hash names the cache folder.
+    A `LatentSource` for `tc_lite.step.TrainStep`. `renderer` (a `tc_lite.render.Renderer` for the sampling
+    settings) computes missing prefixes; `compute_conditioning(prompts) -> (early, uncond_early)` gives the
+    ORIGINAL conditioning. `identity` is everything else the prefix depends on (see `prefix_identity`); its hash
+    names the cache folder.
     """
 
-    def __init__(self, root: str | Path, identity: dict[str, Any], *, unet: torch.nn.Module, scheduler: Any,
-                 autocast: Callable[[], Any], compute_conditioning: Callable[[list[str]], tuple[Cond, Cond]],
-                 latent_shape: Sequence[int], device: torch.device, train_seed: int = 0, variants: int = 1,
-                 dtype: torch.dtype = torch.float16):
+    def __init__(self, root: str | Path, identity: dict[str, Any], *, renderer: Any,
+                 compute_conditioning: Callable[[list[str]], tuple[Cond, Cond]], train_seed: int = 0,
+                 variants: int = 1, dtype: torch.dtype = torch.float16):
         s = identity["sampling"]
-        if s["encoder_schedule"] != "two_encoder":
-            raise UserError("sampling.prefix_cache: needs sampling.encoder_schedule=two_encoder (only then do the "
-                            "early steps not depend on the trained weights)")
-        if s["scheduler"] == "dpm++":
-            raise UserError("sampling.prefix_cache: DPM++ carries a multistep history the cached latent does not "
-                            "hold; use sampling.scheduler=ddim or euler")
-        self.identity = {"version": KEY_VERSION, **identity, "latent_shape": list(latent_shape)}
+        problems = prefix_cache_problems(_Sampling(s))
+        if problems:
+            raise UserError("; ".join(problems))
+        self.renderer = renderer
+        self.latent_shape = tuple(int(x) for x in renderer.latent_shape)
+        self.identity = {"version": KEY_VERSION, **identity, "latent_shape": list(self.latent_shape)}
         self.start = int(s["steps"]) - int(s["grad_steps"])
-        self.steps = int(s["steps"])
-        self.guidance = float(s["guidance_scale"])
-        self.eta = float(s["eta"])
-        self.latent_shape = tuple(int(x) for x in latent_shape)
-        self.device = device
+        self.device = renderer.device
         self.train_seed = int(train_seed)
         self.variants = max(1, int(variants))
         self.dtype = dtype
         self.compute_conditioning = compute_conditioning
-        self.denoiser = Denoiser(unet, _StopAfter(scheduler, self.start), autocast)
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
         self.folder = Path(root).expanduser() / digest[:20]
         self.hits = 0
@@ -156,26 +153,16 @@ class PrefixCache:
     # ---------------------------------------------------------------------------------------------- compute
 
     def noise(self, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(int(seed))
-        return torch.randn((1, *self.latent_shape), generator=g, dtype=torch.float32)
+        return self.renderer.noise(seed)[0].cpu()
 
     @torch.no_grad()
     def compute(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """The prefix latents for `prompts` (float32, on the device), computed now, without the cache.
-
-        Rows are independent (per-row noise; with eta > 0 the DDIM noise is drawn per prompt too), so a latent does
-        not depend on which other prompts shared its batch.
-        """
-        if self.eta > 0 and len(prompts) > 1:
-            return torch.cat([self.compute([p], [s]) for p, s in zip(prompts, seeds)])
-        noise = torch.cat([self.noise(s) for s in seeds]).to(self.device)
+        """The prefix latents for `prompts` (float32, on the device), computed now, without the cache. Rows are
+        independent (per-row noise, and per-row eta noise), so a latent does not depend on its batch."""
         if self.start == 0:  # K = T: nothing to cache but the noise (Denoiser.run scales it at start=0)
-            return noise
+            return torch.cat([self.renderer.noise(s)[0] for s in seeds])
         early, uncond = self.compute_conditioning(prompts)
-        plan = DenoisePlan(self.steps, 0, self.guidance, checkpoint=False, eta=self.eta)
-        gen = torch.Generator().manual_seed(int(seeds[0])) if self.eta > 0 else None
-        return self.denoiser.run(noise, plan, early=early, late=early, uncond_early=uncond, uncond_late=uncond,
-                                 generator=gen)
+        return self.renderer.latents(seeds, early=early, uncond_early=uncond, stop=self.start)
 
     def latents(self, prompts: list[str], variant: int | Sequence[int] = 0) -> torch.Tensor:
         """Cached prefix latents for a batch (float32 on the device); misses are computed together and stored.
@@ -195,6 +182,17 @@ class PrefixCache:
                 rows[i] = stored
         return torch.cat([r.to(self.device, torch.float32) for r in rows])  # type: ignore[union-attr]
 
+    def starting_latents(self, prompts: list[str], gen: torch.Generator, grad_steps: int) -> tuple[torch.Tensor, int]:
+        """`LatentSource.starting_latents`: the cached latent after step T−K (the step then runs only the last K steps). With
+        variants, one of each prompt's noises is drawn from the step's generator, which then drives eta as usual."""
+        if self.start != self.renderer.plan.steps - grad_steps:
+            raise UserError(f"sampling.prefix_cache: the cache holds the latent after step {self.start}, but this "
+                            f"step has K={grad_steps} of T={self.renderer.plan.steps}; unset sampling.grad_steps_min")
+        picks: int | list[int] = 0  # one noise per prompt: draw nothing, so `gen` drives eta as without variants
+        if self.variants > 1:
+            picks = torch.randint(self.variants, (len(prompts),), generator=gen).tolist()
+        return self.latents(prompts, variant=picks), self.start
+
     def prefill(self, prompts: Sequence[str], batch_size: int = 4, log: Callable[[str], None] = print) -> int:
         """Fill the cache for every prompt and variant before training; returns how many latents were computed."""
         todo = [(p, v) for v in range(self.variants) for p in dict.fromkeys(prompts)]
@@ -208,26 +206,35 @@ class PrefixCache:
         return len(todo)
 
 
-def prefix_identity(cfg: Any, components: Any, *, precision: str, device: torch.device,
-                    original_encoder: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Everything a prefix latent depends on except the prompt and its noise (see the module docstring).
+class _Sampling:
+    """Attribute access to the identity's sampling dict (for `prefix_cache_problems`)."""
 
-    `cfg` is a tc_lite Config; `original_encoder` the frozen copy used for full fine-tuning (with a LoRA, the
-    encoder's base weights are fingerprinted and its LoRA weights skipped).
-    """
+    def __init__(self, d: dict[str, Any]):
+        self.__dict__.update({"grad_steps_min": None, **d})
+
+
+def prefix_identity(cfg: Any, family: Any, components: Any, *, precision: str, device: torch.device,
+                    adapters: Any = None) -> dict[str, Any]:
+    """Everything a prefix latent depends on except the prompt and its noise (see the module docstring): the
+    family, the weights the prefix reads (UNet and every text encoder, under the adapters' `original()`), the
+    sampling settings, precision and device type."""
+    import contextlib
+
     from tc_lite.sampling import make_scheduler
 
     s = cfg.sampling
     sched = make_scheduler(s.scheduler, components.scheduler)
     sched_config = {k: v for k, v in dict(sched.config).items() if not k.startswith("_")}
-    encoder = original_encoder if original_encoder is not None else components.text_encoder
-    tok = components.tokenizer
+    with adapters.original() if adapters is not None else contextlib.nullcontext():
+        fingerprint = weights_fingerprint(components.unet, *family.encoders(components).values())
+    tokenizers = [slot.tokenizer(components) for slot in family.slots]
     return {
         "model": {
+            "family": family.name,
             "source": str(components.source or cfg.model.source),
             "revision": cfg.model.revision,
-            "fingerprint": weights_fingerprint(components.unet, encoder),
-            "tokenizer": [len(tok), int(tok.model_max_length)] if tok is not None else None,
+            "fingerprint": fingerprint,
+            "tokenizer": [[len(t), int(t.model_max_length)] for t in tokenizers if t is not None] or None,
         },
         "sampling": {
             "scheduler": s.scheduler, "scheduler_config": json.loads(json.dumps(sched_config, default=str)),
@@ -240,35 +247,19 @@ def prefix_identity(cfg: Any, components: Any, *, precision: str, device: torch.
     }
 
 
-def for_recipe(recipe: Any, root: str | Path | None = None, variants: int = 1) -> PrefixCache:
-    """The cache a `tc_lite.train.Recipe` needs, after its `setup()` (the integration point; see docs/memory.md)."""
-    from tc_lite.models._cache import cache_root
-    from tc_lite.sampling import make_scheduler
+def build_prefix_cache(cfg: Any, family: Any, components: Any, adapters: Any, encoder: Any, precision: Any,
+                       run_dir: Path) -> PrefixCache:
+    """The cache `sampling.prefix_cache` asks for: in `sampling.prefix_cache_dir`, else `<run>/prefix_cache`."""
+    from tc_lite.render import RenderPlan, Renderer
 
-    cfg, comps = recipe.cfg, recipe.components
-    conditioner = recipe.conditioner
-    identity = prefix_identity(cfg, comps, precision=recipe.precision.name, device=recipe.precision.device,
-                               original_encoder=conditioner.original_encoder)
-    f = comps.vae_scale_factor
-    shape = (comps.latent_channels, cfg.sampling.height // f, cfg.sampling.width // f)
-    uncond = recipe.uncond_base
-    return PrefixCache(
-        root if root is not None else cache_root() / "prefix", identity, unet=comps.unet,
-        scheduler=make_scheduler(cfg.sampling.scheduler, comps.scheduler), autocast=recipe.precision.autocast,
-        compute_conditioning=lambda prompts: (conditioner.base(prompts), uncond),
-        latent_shape=shape, device=recipe.precision.device, train_seed=cfg.train.seed, variants=variants)
-
-
-def cached_generate_latents(recipe: Any, prompts: list[str], gen: torch.Generator, grad_steps: int) -> torch.Tensor:
-    """`Recipe.generate_latents` with `recipe.prefix_cache` on: read (or compute) the latent after step T−K, then
-    run only the last K steps with gradients. The per-step generator `gen` still drives DDIM's eta noise."""
-    s, cache = recipe.cfg.sampling, recipe.prefix_cache
-    if s.steps - grad_steps != cache.start:
-        raise UserError(f"sampling.prefix_cache: the cache holds the latent after step {cache.start}, but this step "
-                        f"has K={grad_steps} of T={s.steps}; unset sampling.grad_steps_min (random truncation)")
-    plan = DenoisePlan(s.steps, grad_steps, s.guidance_scale, recipe.cfg.memory.checkpoint_unet, s.eta)
-    picks: int | list[int] = 0  # one noise per prompt: draw nothing, so `gen` drives eta as without variants
-    if cache.variants > 1:
-        picks = torch.randint(cache.variants, (len(prompts),), generator=gen).tolist()
-    latents = cache.latents(prompts, variant=picks)
-    return recipe.denoiser.run(latents, plan, generator=gen, start=cache.start, **recipe.conditioning(prompts))
+    s = cfg.sampling
+    problems = prefix_cache_problems(s, adapters)
+    if problems:
+        raise UserError("; ".join(problems))
+    root = Path(s.prefix_cache_dir).expanduser() if s.prefix_cache_dir else Path(run_dir) / "prefix_cache"
+    identity = prefix_identity(cfg, family, components, precision=precision.name, device=precision.device,
+                               adapters=adapters)
+    renderer = Renderer(components, RenderPlan.from_sampling(s, tuned_steps=0), precision.autocast)
+    uncond = encoder.base([s.negative_prompt])
+    return PrefixCache(root, identity, renderer=renderer, compute_conditioning=lambda ps: (encoder.base(ps), uncond),
+                       train_seed=cfg.train.seed, variants=s.prefix_variants)

@@ -1,4 +1,4 @@
-"""Text conditioning and the denoising loop with truncated backpropagation.
+"""The denoising loop with truncated backpropagation (conditioning comes from `tc_lite.conditioning`).
 
 The first T−K steps run under `no_grad` (their gradients explode or vanish, and storing them would not fit);
 only the last K steps build a graph, each UNet call wrapped in non-reentrant activation checkpointing so the
@@ -19,7 +19,10 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .conditioning import Cond
 from .precision import autocast_for
+
+__all__ = ["SCHEDULERS", "Cond", "DenoisePlan", "Denoiser", "make_scheduler"]
 
 SCHEDULERS = ("ddim", "euler", "dpm++")
 
@@ -36,57 +39,6 @@ def make_scheduler(name: str, base: Any) -> Any:
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     raise ValueError(f"unknown scheduler {name!r}; expected one of {SCHEDULERS}")
-
-
-@dataclass
-class Cond:
-    """Conditioning for one batch. SDXL will add pooled embeddings and time ids in `added` (UNet added_cond_kwargs)."""
-
-    hidden: torch.Tensor  # [B, 77, D]
-    added: dict[str, torch.Tensor] | None = None
-
-    @staticmethod
-    def cat(a: "Cond", b: "Cond") -> "Cond":
-        added = None if a.added is None else {k: torch.cat([a.added[k], b.added[k]]) for k in a.added}
-        return Cond(torch.cat([a.hidden, b.hidden]), added)
-
-    def expand(self, n: int) -> "Cond":
-        if self.hidden.shape[0] == n:
-            return self
-        added = None if self.added is None else {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()}
-        return Cond(self.hidden.expand(n, *self.hidden.shape[1:]), added)
-
-
-class TextConditioner:
-    """Tokenise and encode prompts with the tuned encoder, or with the original one.
-
-    `original` is a context manager factory under which `encoder` behaves as the untouched base model: with a
-    LoRA that is "adapter disabled" (no second copy in memory); for full fine-tuning it swaps in a frozen copy.
-    """
-
-    def __init__(self, tokenizer: Any, encoder: torch.nn.Module, device: torch.device,
-                 original: Callable[[], ContextManager] = contextlib.nullcontext,
-                 original_encoder: torch.nn.Module | None = None):
-        self.tokenizer = tokenizer
-        self.encoder = encoder
-        self.device = device
-        self.original = original
-        self.original_encoder = original_encoder
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return ids.to(self.device)
-
-    def tuned(self, prompts: list[str]) -> Cond:
-        return Cond(self.encoder(self.tokenize(prompts))[0])
-
-    @torch.no_grad()
-    def base(self, prompts: list[str]) -> Cond:
-        if self.original_encoder is not None:
-            return Cond(self.original_encoder(self.tokenize(prompts))[0])
-        with self.original():
-            return Cond(self.encoder(self.tokenize(prompts))[0])
 
 
 @dataclass
@@ -136,11 +88,13 @@ class Denoiser:
         return e_uncond + guidance * (e_cond - e_uncond)
 
     def run(self, latents: torch.Tensor, plan: DenoisePlan, *, early: Cond, late: Cond, uncond_early: Cond,
-            uncond_late: Cond, generator: torch.Generator | None = None, start: int = 0) -> torch.Tensor:
+            uncond_late: Cond, generator: torch.Generator | None = None, start: int = 0,
+            stop: int | None = None) -> torch.Tensor:
         """Denoise. `early`/`uncond_early` condition the no-grad steps, `late`/`uncond_late` the last `grad_steps`.
 
         `latents` is pure noise when `start == 0`, else the latent reached after step `start` (a cached prefix:
         exact for the single-step schedulers DDIM and Euler; DPM++ keeps a history the prefix does not carry).
+        `stop` ends the loop before step `stop` (the prefix cache computes the latent after step T−K that way).
         """
         sched = self.scheduler
         sched.set_timesteps(plan.steps, device=latents.device)
@@ -153,6 +107,8 @@ class Denoiser:
         if "eta" in sched.step.__code__.co_varnames:
             step_kwargs = {"eta": plan.eta, "generator": generator}
         for i, t in enumerate(sched.timesteps):
+            if stop is not None and i >= stop:
+                break
             if i < start:
                 continue
             grad = i >= split

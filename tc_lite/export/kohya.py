@@ -55,7 +55,8 @@ def kohya_metadata(
     base_model_version: str = "sd_v1",
     base_model: str | None = None,
     dropout: float | None = None,
-    resolution: int | None = 512,
+    resolution: int | tuple[int, int] | None = 512,
+    training_started_at: float | None = None,
     title: str | None = None,
     description: str | None = None,
     comment: str | None = None,
@@ -106,9 +107,12 @@ def kohya_metadata(
         "tc_lite_method": "textcraftor",
         "tc_lite_component": "text_encoder",
     }
-    if resolution is not None:
-        meta["ss_resolution"] = f"({int(resolution)}, {int(resolution)})"
-        meta["modelspec.resolution"] = f"{int(resolution)}x{int(resolution)}"
+    if resolution is not None:  # (width, height), as kohya writes it; a single number is square
+        w, h = (resolution, resolution) if isinstance(resolution, int | float) else resolution
+        meta["ss_resolution"] = f"({int(w)}, {int(h)})"
+        meta["modelspec.resolution"] = f"{int(w)}x{int(h)}"
+    if training_started_at is not None:  # A1111 shows it as "date trained"
+        meta["ss_training_started_at"] = str(float(training_started_at))
     if dropout is not None:
         meta["ss_network_dropout"] = str(float(dropout))
     if base_model:

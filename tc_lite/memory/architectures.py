@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -84,25 +83,24 @@ def reward_shape(label: str, term: RewardTerm) -> RewardShape | None:
 
 @dataclass
 class Architecture:
-    """Configs of the diffusion model's parts, and where they came from (printed with every estimate)."""
+    """Configs of the diffusion model's parts, and where they came from (printed with every estimate).
+
+    `text_encoders` maps the family's encoder slot names ("te"; SDXL "te1", "te2") to their configs."""
 
     unet: dict[str, Any]
     vae: dict[str, Any]
-    text_encoder: dict[str, Any]
+    text_encoders: dict[str, dict[str, Any]]
     source: str
     notes: list[str] = field(default_factory=list)
 
 
-def _bundled() -> Path:
-    return Path(str(resources.files("tc_lite") / "assets" / "sd15"))
-
-
-def _read_folder(folder: Path) -> tuple[dict, dict, dict] | None:
+def _read_folder(folder: Path, encoders: dict[str, str]) -> tuple[dict, dict, dict] | None:
     try:
-        return tuple(json.loads((folder / sub / "config.json").read_text())  # type: ignore[return-value]
-                     for sub in ("unet", "vae", "text_encoder"))
+        unet, vae = (json.loads((folder / sub / "config.json").read_text()) for sub in ("unet", "vae"))
+        tes = {slot: json.loads((folder / sub / "config.json").read_text()) for slot, sub in encoders.items()}
     except (OSError, ValueError):
         return None
+    return unet, vae, tes
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
@@ -115,15 +113,10 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
     return Path(found).parent.parent if isinstance(found, str) else None
 
 
-def resolve_architecture(cfg: Config) -> Architecture:
-    """Configs for `model.source`; the bundled SD1.5 ones when the source does not carry its own offline."""
+def read_architecture(cfg: Config, encoders: dict[str, str], bundled: Path, label: str) -> Architecture:
+    """Configs for `model.source` (a folder, a cached hub snapshot, `model.config_dir`); the `bundled` configs of
+    the family (`label`) when the source does not carry its own offline. `encoders`: slot name -> subfolder."""
     source = cfg.model.source
-    if source == "tiny":
-        from tc_lite.models.tiny import build_tiny_components
-
-        comps = build_tiny_components(pretrain=False)
-        return Architecture(dict(comps.unet.config), dict(comps.vae.config), comps.text_encoder.config.to_dict(),
-                            "tiny (built in code)")
     path = Path(source).expanduser()
     notes: list[str] = []
     folder: Path | None = None
@@ -134,12 +127,19 @@ def resolve_architecture(cfg: Config) -> Architecture:
     elif not path.exists() and source.count("/") == 1:
         folder = _hub_snapshot(source, cfg.model.revision)
         if folder is None:
-            notes.append(f"{source} is not in the local hub cache: assumed the SD1.5 architecture")
+            notes.append(f"{source} is not in the local hub cache: assumed the {label} architecture")
     if folder is not None:
-        parts = _read_folder(folder)
+        parts = _read_folder(folder, encoders)
         if parts is not None:
             return Architecture(*parts, source=str(folder), notes=notes)
-        notes.append(f"{folder} has no readable unet/vae/text_encoder configs: assumed the SD1.5 architecture")
-    parts = _read_folder(_bundled())
-    assert parts is not None, "the bundled SD1.5 configs are part of the package"
-    return Architecture(*parts, source="bundled SD1.5 configs", notes=notes)
+        notes.append(f"{folder} has no readable unet/vae/text encoder configs: assumed the {label} architecture")
+    parts = _read_folder(bundled, encoders)
+    assert parts is not None, f"the bundled {label} configs are part of the package"
+    return Architecture(*parts, source=f"bundled {label} configs", notes=notes)
+
+
+def resolve_architecture(cfg: Config) -> Architecture:
+    """The architecture of `model.source`, as its family reads it (no weights, no download)."""
+    from tc_lite.families import family_for
+
+    return family_for(cfg.model).architecture(cfg)

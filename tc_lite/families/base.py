@@ -1,0 +1,111 @@
+"""The model-family seam: everything that differs between SD1.x and SDXL (and later families) lives behind it.
+
+A family owns: recognising and loading its checkpoints, its tokenizer/text-encoder pairs (`EncoderSlot`s), how
+prompts become UNet conditioning (`encode` -> `Cond`), which modules take an adapter and under which kohya prefix,
+and the shapes the memory estimator builds. Sampling, the recipe, the prefix cache, export, inference,
+evaluation, the estimator and bench ask the family and never assume one text encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tc_lite.conditioning import Cond
+
+
+@dataclass(frozen=True)
+class EncoderSlot:
+    """One tokenizer + text encoder pair of a family, by the attribute names it has in the components.
+
+    `name` keys it everywhere else: checkpoints, the adapter set, logs ("te" for SD1; SDXL: "te1", "te2").
+    `kohya_prefix` is the prefix kohya, A1111 and ComfyUI expect for its LoRA modules.
+    """
+
+    name: str
+    encoder_attr: str
+    tokenizer_attr: str
+    kohya_prefix: str
+    description: str = "CLIP text encoder"
+
+    def encoder(self, components: Any) -> torch.nn.Module:
+        return getattr(components, self.encoder_attr)
+
+    def tokenizer(self, components: Any) -> Any:
+        return getattr(components, self.tokenizer_attr)
+
+    def set_encoder(self, components: Any, module: torch.nn.Module) -> None:
+        setattr(components, self.encoder_attr, module)
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """CLIP token ids padded to the tokenizer's length (77), truncated as every SD front end does."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class ModelFamily:
+    """Base class of a family; subclasses set the class attributes and implement the methods that raise."""
+
+    name: str = ""
+    label: str = ""  # for messages: "SD1.x"
+    kohya_base_model_version: str = ""  # kohya's ss_base_model_version
+    slots: tuple[EncoderSlot, ...] = ()
+    lora_targets: tuple[str, ...] = ()  # text-encoder linears a LoRA may target (kohya's names)
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def recognises(self, source: str) -> bool:
+        """Whether `source` (a folder, a single file, a hub id) is a model of this family, from configs/keys only."""
+        raise NotImplementedError
+
+    def load(self, model_cfg: Any, dtype: torch.dtype) -> Any:
+        """The components (tokenizers, encoders, UNet, VAE, scheduler) for the `model` preset section."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ encoders
+
+    def slot(self, name: str) -> EncoderSlot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(f"{self.label} has no text encoder {name!r}; it has {[s.name for s in self.slots]}")
+
+    def encoders(self, components: Any) -> dict[str, torch.nn.Module]:
+        return {s.name: s.encoder(components) for s in self.slots}
+
+    def encode(self, components: Any, prompts: list[str], *, encoders: Mapping[str, torch.nn.Module] | None = None,
+               size: tuple[int, int] | None = None) -> Cond:
+        """Prompts -> UNet conditioning. `encoders` replaces some slots' encoders (a tuned copy at inference);
+        `size` is the image (height, width), which families with size conditioning use."""
+        raise NotImplementedError
+
+    def uncond(self, components: Any, negative_prompt: str, *,
+               encoders: Mapping[str, torch.nn.Module] | None = None, size: tuple[int, int] | None = None) -> Cond:
+        """The negative/unconditional conditioning for classifier-free guidance (SDXL zeroes an empty one)."""
+        return self.encode(components, [negative_prompt], encoders=encoders, size=size)
+
+    def long_prompts(self, components: Any, prompts: Sequence[str]) -> tuple[int, list[str]]:
+        """(token limit, prompts longer than it) for the first tokenizer: what is cut off without warning."""
+        tok = self.slots[0].tokenizer(components)
+        limit = tok.model_max_length
+        lengths = [len(ids) for ids in tok(list(prompts), truncation=False).input_ids]
+        return limit, [p for p, n in zip(prompts, lengths) if n > limit]
+
+    # ------------------------------------------------------------------------------------------ estimator
+
+    def architecture(self, cfg: Any) -> Any:
+        """`tc_lite.memory.architectures.Architecture` of the configured model, without weights or download."""
+        raise NotImplementedError
+
+    def meta_components(self, architecture: Any) -> Any:
+        """Components built on the 'meta' device from `architecture` (a stand-in tokenizer), for the estimator."""
+        raise NotImplementedError
