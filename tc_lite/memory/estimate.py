@@ -2,8 +2,8 @@
 
 How: the models the preset names are built on 'meta' from their configs (no weights, no download), their
 parameters are swapped for fake tensors in the training dtypes (`FakeTensorMode`: shapes and dtypes, no data),
-wired as `Recipe.setup` wires them, and then the Recipe's *own* `micro_step` and `optimizer_step` run on them --
-`TextConditioner`, `Denoiser.run` with its checkpointed grad steps, `decode` with per-block VAE checkpointing,
+wired as `Recipe.setup` wires them, and then the recipe's *own* `TrainStep.micro_step` and `optimizer_step` run on
+them -- `PromptEncoder`, `Denoiser.run` with its checkpointed grad steps, `decode` with per-block VAE checkpointing,
 `RewardMix` with its in-mix backward, the backward of −reward, clipping and the optimizer step -- under
 `MemoryTracker`, which counts every storage autograd, the caller or the allocator keeps alive. A change to the
 step's code changes the estimate with it. Fake kernels cost no arithmetic, so a full SD1.5 step traces in ~10 s
@@ -36,8 +36,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Any
 
 import torch
@@ -45,185 +44,69 @@ from torch import nn
 
 from tc_lite.config import Config
 from tc_lite.errors import UserError
-from tc_lite.memory.architectures import resolve_architecture
 from tc_lite.memory.fake_models import (
+    ShapeScheduler,
     _Bnb8bitStateStandIn,
     _ClipReward,
     _materialize,
     _MetaModels,
     _module_bytes,
     _nbytes,
+    _PhasedRewards,
+    _ShapePrefix,
     _stream_layer_by_layer,
-    _StubTokenizer,
     _Target,
     bnb_adamw8bit_state_bytes,
 )
-from tc_lite.memory.tracker import KINDS, MemoryTracker, PhasePeak, cuda_autocast_policy
+from tc_lite.memory.result import PHASES, GiB, MemoryEstimate
+from tc_lite.memory.tracker import MemoryTracker, cuda_autocast_policy
+from tc_lite.step import FreshNoise, StepStats, TrainStep
 
-GiB = 2**30
+__all__ = ["GiB", "MemoryEstimate", "bnb_adamw8bit_state_bytes", "estimate_memory", "_materialize"]
 MAX_TRACED_PREFIX = 1  # no-grad steps actually traced; see the module docstring
 MAX_TRACED_GRAD_STEPS = 3  # grad steps actually traced; the rest are extrapolated (see the module docstring)
 # Phases during which the saved tensors of every grad step are alive (they get the extrapolated K - traced steps).
 _HOLD_GRAD_STEPS = ("grad steps", "decode", "reward", "decode backward", "grad steps backward")
-
-# Phases in step order, with the coarse group the report sums them into.
-PHASES: tuple[tuple[str, str], ...] = (
-    ("encode", "encode"),
-    ("sampling", "sampling"),
-    ("grad steps", "grad steps"),
-    ("decode", "decode"),
-    ("reward", "reward"),
-    ("decode backward", "decode"),
-    ("grad steps backward", "grad steps"),
-    ("encode backward", "encode"),
-    ("optimizer", "optimizer"),
-)
-
-
-# --------------------------------------------------------------------------------------------------- result
-
-
-@dataclass
-class MemoryEstimate:
-    """The estimate for one configuration. Byte counts are ints; `peak` is what max_memory_allocated would show."""
-
-    peak: int
-    peak_phase: str
-    peak_kinds: dict[str, int]
-    phases: list[PhasePeak]
-    resident: dict[str, int]  # exact (unrounded) bytes that live on the device for the whole run, by item
-    optimizer_state: int  # exact bytes of optimizer state on the device
-    gradients: int  # exact bytes of the trainable parameters' gradients
-    setting: dict[str, Any]
-    architecture: str
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak / GiB
-
-    def phase(self, name: str) -> PhasePeak:
-        for p in self.phases:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
-    def groups(self) -> dict[str, int]:
-        """Peak per coarse phase (sampling, grad steps, decode, reward, optimizer, encode): forward and backward."""
-        out: dict[str, int] = {}
-        for p in self.phases:
-            group = dict(PHASES).get(p.name, p.name)
-            out[group] = max(out.get(group, 0), p.peak)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "peak_bytes": self.peak,
-            "peak_gib": round(self.peak_gib, 3),
-            "peak_phase": self.peak_phase,
-            "peak_kinds_bytes": self.peak_kinds,
-            "phases": [{"phase": p.name, "peak_bytes": p.peak, "peak_gib": round(p.peak / GiB, 3),
-                        "kinds_bytes": p.kinds} for p in self.phases],
-            "resident_bytes": self.resident,
-            "optimizer_state_bytes": self.optimizer_state,
-            "gradient_bytes": self.gradients,
-            "setting": self.setting,
-            "architecture": self.architecture,
-            "notes": self.notes,
-            "seconds": round(self.seconds, 2),
-        }
-
-    def format(self) -> str:
-        """The table `bench memory` prints."""
-        s = self.setting
-        lines = [
-            f"estimated peak GPU memory of one training step: {self.peak_gib:.2f} GiB (in phase '{self.peak_phase}')",
-            (f"  {s['height']}x{s['width']}, batch {s['batch_size']}, T={s['steps']} K={s['grad_steps']}, "
-            f"CFG {s['guidance_scale']:g}, {s['precision']}, {s['lora']}, attention {s['attention']}, "
-            f"checkpoint unet={s['checkpoint_unet']} vae={s['checkpoint_vae']}, prefix cache {s['prefix_cache']}, "
-            f"rewards {', '.join(s['rewards']) or 'none'} (offload {s['offload']})"),
-            f"  architecture: {self.architecture}",
-            "",
-            f"  {'phase':<22}{'peak GiB':>9}   " + "".join(f"{k:>13}" for k in KINDS),
-        ]
-        for p in self.phases:
-            mark = " <" if p.name == self.peak_phase else ""
-            kinds = "".join(f"{p.kinds.get(k, 0) / GiB:>13.3f}" for k in KINDS)
-            lines.append(f"  {p.name:<22}{p.peak / GiB:>9.3f}   {kinds}{mark}")
-        lines += ["", "  resident on the device (exact):"]
-        lines += [f"    {name:<30}{b / GiB:>8.3f} GiB  ({b:,} bytes)" for name, b in self.resident.items()]
-        lines.append(f"    {'optimizer state':<30}{self.optimizer_state / GiB:>8.3f} GiB  ({self.optimizer_state:,} bytes)")
-        lines.append(f"    {'gradients (trainable)':<30}{self.gradients / GiB:>8.3f} GiB  ({self.gradients:,} bytes)")
-        lines += ["", "  not included: the CUDA context (~0.3-0.6 GiB), cuBLAS/cuDNN workspaces, allocator fragmentation"]
-        lines += [f"  note: {n}" for n in self.notes]
-        lines.append(f"  ({self.seconds:.1f} s)")
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------- stand-ins
-
-
-class ShapeScheduler:
-    """DDIM/Euler-shaped arithmetic with Python-float coefficients (see the module docstring)."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self.init_noise_sigma = 1.0 if kind == "ddim" else 14.6
-        self.timesteps: list[int] = []
-
-    def set_timesteps(self, n: int, device: Any = None) -> None:
-        self.timesteps = [999 - i * (1000 // n) for i in range(n)]
-
-    def set_begin_index(self, index: int) -> None:
-        pass
-
-    def scale_model_input(self, x: torch.Tensor, t: Any) -> torch.Tensor:
-        return x if self.kind == "ddim" else x / 2.0
-
-    def step(self, eps: torch.Tensor, t: Any, latents: torch.Tensor, eta: float = 0.0, generator: Any = None,
-             return_dict: bool = False) -> tuple[torch.Tensor]:
-        if self.kind == "ddim":
-            x0 = (latents - 0.5 * eps) / 0.8
-            return (0.9 * x0 + 0.4 * eps,)
-        return (latents + 0.1 * eps,)  # Euler: sample + dt * derivative (eps-parameterised)
 
 
 # --------------------------------------------------------------------------------------------------- the step
 
 
 class _Step:
-    """The fake models and training objects of one configuration, wired exactly as `Recipe.setup` wires them."""
+    """The fake models and training objects of one configuration, wired as `Recipe.setup` wires them, around the
+    recipe's own `TrainStep`."""
 
     def __init__(self, cfg: Config, meta: _MetaModels, target: _Target, tracker: MemoryTracker):
-        from tc_lite.lora import lora_disabled, trainable_parameters
+        from tc_lite.conditioning import PromptEncoder
         from tc_lite.optim import build_optimizer
         from tc_lite.rewards import RewardMix
-        from tc_lite.sampling import TextConditioner
 
         self.cfg, self.target, self.tracker = cfg, target, tracker
         self.notes: list[str] = list(meta.notes)
+        self.family, self.comps, self.adapters = meta.family, meta.components, meta.adapters
         dt = target.dtype
         memo: dict[int, Any] = {}
-        unet, vae, te, original = meta.unet, meta.vae, meta.te, meta.original
+        encoders = meta.family.encoders(self.comps)
+        held = {name: m for a in self.adapters for name, m in a.held_modules().items()}
         with tracker.kind("parameters"):
-            for m in (unet, vae, te, original):
-                if m is not None:
-                    _materialize(m, dt, "cpu", memo)
-        self.resident: dict[str, int] = {"unet": _module_bytes(unet), "vae (encoder and decoder)": _module_bytes(vae)}
-        trainable = [p for p in te.parameters() if p.requires_grad]
-        if cfg.lora.mode == "lora":
-            self.resident["text encoder"] = _module_bytes(te) - _nbytes(trainable)
-            self.resident["lora (fp32)"] = _nbytes(trainable)
-            original_ctx = lambda: lora_disabled(te)
-        else:
-            self.resident["text encoder (fp32, trained)"] = _module_bytes(te)
-            self.resident["original text encoder copy"] = _module_bytes(original)  # type: ignore[arg-type]
-            original_ctx = contextlib.nullcontext
-        self.unet, self.vae, self.te = unet, vae, te
-        self.conditioner = TextConditioner(_StubTokenizer(), te, torch.device("cpu"), original=original_ctx,
-                                           original_encoder=original)
-        self.params = trainable_parameters(te)
+            for m in (self.comps.unet, self.comps.vae, *encoders.values(), *held.values()):
+                _materialize(m, dt, "cpu", memo)
+        self.resident: dict[str, int] = {"unet": _module_bytes(self.comps.unet),
+                                         "vae (encoder and decoder)": _module_bytes(self.comps.vae)}
+        one = len(encoders) == 1
+        for a in self.adapters:
+            trainable = a.parameters()
+            te = "text encoder" if one else f"text encoder {a.key}"
+            if a.kind == "lora":
+                self.resident[te] = _module_bytes(a.module()) - _nbytes(trainable)
+                self.resident["lora (fp32)" if one else f"lora {a.key} (fp32)"] = _nbytes(trainable)
+            else:
+                self.resident[f"{te} (fp32, trained)"] = _module_bytes(a.module())
+        for name, m in held.items():
+            self.resident[name] = _module_bytes(m)
+        self.encoder = PromptEncoder(meta.family, self.comps, self.adapters,
+                                     size=(cfg.sampling.height, cfg.sampling.width))
+        self.params = self.adapters.parameters()
         self.rewards = RewardMix(self._place_rewards(meta.rewards, dt, memo), device="cpu", dtype=dt, offload="none")
         if cfg.rewards.offload == "sequential":
             for _, reward, _ in self.rewards.entries:
@@ -255,8 +138,6 @@ class _Step:
             self.notes.append(f"reward {label}: {net.shape.clip}, {nbytes / GiB:.2f} GiB of weights {where}")
         return entries
 
-    # ------------------------------------------------------------------------------------------------ the step
-
     def warm_up(self) -> None:
         """Steady state: optimizer state exists; mid-accumulation gradients exist (see the module docstring)."""
         tr = self.tracker
@@ -273,49 +154,36 @@ class _Step:
             if self.cfg.train.grad_accum == 1:
                 self.optimizer.zero_grad(set_to_none=True)
 
-    def recipe(self, grad_steps: int) -> Any:
-        """A `Recipe` holding the fake objects, so its own `micro_step`/`optimizer_step` code runs.
-
-        Its config is the user's with the no-grad prefix shortened and K set to the traced number of grad steps
-        (see the module docstring); `draw_grad_steps` returns that K (its random draw reads a fake value).
-        """
-        import dataclasses
-
-        from tc_lite.models.components import SDComponents
+    def train_step(self, grad_steps: int) -> TrainStep:
+        """The recipe's `TrainStep` on the fake objects, for the user's config with the no-grad prefix shortened
+        and K set to the traced number of grad steps (see the module docstring; the random K draw would read a
+        fake value, so K is fixed)."""
         from tc_lite.precision import Precision
-        from tc_lite.sampling import Denoiser
-        from tc_lite.train import Recipe
 
         s = self.cfg.sampling
         prefix = min(s.steps - s.grad_steps, MAX_TRACED_PREFIX)
         traced = dataclasses.replace(s, steps=prefix + grad_steps, grad_steps=grad_steps, grad_steps_min=None)
         cfg = dataclasses.replace(self.cfg, sampling=traced)
-        r = Recipe.__new__(Recipe)
-        Recipe.__init__(r, cfg, log=lambda msg: None)
-        r.precision = Precision(torch.device("cpu"), self.target.precision, self.target.dtype,
-                                torch.amp.GradScaler("cpu", enabled=False))
-        r.components = SDComponents(tokenizer=_StubTokenizer(), text_encoder=self.te, unet=self.unet, vae=self.vae,
-                                    scheduler=None)
-        r.text_encoder, r.conditioner, r.params = self.te, self.conditioner, self.params
-        r.rewards = _PhasedRewards(self.rewards, self.tracker)
-        r.optimizer = self.optimizer
-        r.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
-        r.denoiser = Denoiser(self.unet, ShapeScheduler(s.scheduler), r.precision.autocast)
-        r.step, r.bad_steps = 0, 0
-        r.draw_grad_steps = lambda gen: grad_steps
-        with torch.no_grad():
-            r.uncond_base = self.conditioner.base([s.negative_prompt])
-        if s.prefix_cache != "none":  # Recipe.generate_latents then starts from the cached latent
-            r.prefix_cache = _ShapePrefix(prefix, self.unet.config.in_channels, self.vae, s)
-        return r
+        precision = Precision(torch.device("cpu"), self.target.precision, self.target.dtype,
+                              torch.amp.GradScaler("cpu", enabled=False))
+        unet, vae = self.comps.unet, self.comps.vae
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        channels = unet.config.in_channels
+        latents: Any = (_ShapePrefix(prefix, channels, vae, s) if s.prefix_cache != "none"
+                        else FreshNoise((channels, s.height // f, s.width // f), torch.device("cpu")))
+        from tc_lite.sampling import Denoiser
+
+        return TrainStep(cfg, encoder=self.encoder, denoiser=Denoiser(unet, ShapeScheduler(s.scheduler), precision.autocast),
+                         vae=vae, rewards=_PhasedRewards(self.rewards, self.tracker), latents=latents,
+                         params=self.params, optimizer=self.optimizer,
+                         schedule=torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0),
+                         precision=precision, draw_grad_steps=lambda gen: grad_steps)
 
     def run(self, grad_steps: int) -> int:
-        """One micro-step with `grad_steps` grad steps and the optimizer step, through `Recipe.micro_step` and
-        `Recipe.optimizer_step`. Returns the bytes each grad step leaves alive until the backward."""
-        from tc_lite.train import StepStats
-
+        """One micro-step with `grad_steps` grad steps and the optimizer step, through `TrainStep.micro_step` and
+        `TrainStep.optimizer_step`. Returns the bytes each grad step leaves alive until the backward."""
         tr = self.tracker
-        recipe = self.recipe(grad_steps)
+        step = self.train_step(grad_steps)
         state = {"backward": False}
         starts: list[int] = []  # live bytes as each grad step's UNet call begins
 
@@ -340,59 +208,28 @@ class _Step:
             if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
                 args[0].register_hook(lambda g: tr.enter_phase("grad steps backward"))
 
+        trained = [a.module() for a in self.adapters]
         hooks = [
-            self.unet.register_forward_pre_hook(unet_phase),
-            self.vae.post_quant_conv.register_forward_pre_hook(vae_phase),
-            self.te.register_forward_pre_hook(lambda m, a: None if state["backward"] else tr.enter_phase("encode")),
-            self.te.register_forward_hook(te_output),
+            self.comps.unet.register_forward_pre_hook(unet_phase),
+            self.comps.vae.post_quant_conv.register_forward_pre_hook(vae_phase),
+            *[te.register_forward_pre_hook(lambda m, a: None if state["backward"] else tr.enter_phase("encode"))
+              for te in trained],
+            *[te.register_forward_hook(te_output) for te in trained],
             *[p.register_post_accumulate_grad_hook(lambda p: tr.tag(p.grad, "gradients")) for p in self.params],
         ]
-        recipe.rewards.on_backward = lambda: state.update(backward=True)
+        step.rewards.on_backward = lambda: state.update(backward=True)
         try:
             with tr.phase("encode"):
-                recipe.micro_step(["a prompt"] * self.cfg.train.batch_size, torch.Generator().manual_seed(0),
-                                  StepStats())
+                step.micro_step(["a prompt"] * self.cfg.train.batch_size, torch.Generator().manual_seed(0),
+                                StepStats())
         finally:
             for h in hooks:
                 h.remove()
         with tr.phase("optimizer"), tr.kind("optimizer"):
-            recipe.optimizer_step()
+            step.optimizer_step()
         # The first grad step starts from a latent without a graph and keeps less; from the second on every step
         # keeps the same bytes, which is what the untraced steps add.
         return starts[2] - starts[1] if len(starts) >= 3 else 0
-
-
-class _PhasedRewards:
-    """The reward mix, entered as the 'reward' phase. The gradient reaching the images marks the start of the
-    backward through the decoder (and, for the UNet hook, that UNet calls from now on are recomputations)."""
-
-    def __init__(self, mix: Any, tracker: MemoryTracker):
-        self.mix, self.tracker = mix, tracker
-        self.entries = mix.entries
-        self.on_backward: Callable[[], None] = lambda: None
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> Any:
-        self.tracker.enter_phase("reward")
-        if images.requires_grad:
-            images.register_hook(self._backward_starts)
-        return self.mix(images, prompts)
-
-    def _backward_starts(self, grad: torch.Tensor) -> None:
-        self.on_backward()
-        self.tracker.enter_phase("decode backward")
-
-
-class _ShapePrefix:
-    """Stands in for `PrefixCache`: the cached fp16 latent, read on the host and moved to the device."""
-
-    def __init__(self, start: int, channels: int, vae: nn.Module, s: Any):
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.start, self.shape = start, (int(channels), s.height // f, s.width // f)
-        self.variants = 1  # which of a prompt's noises a step draws does not change memory
-
-    def latents(self, prompts: list[str], variant: int = 0) -> torch.Tensor:
-        host = torch.empty((len(prompts), *self.shape), dtype=torch.float16, device="meta")
-        return host.to("cpu").float()
 
 
 # --------------------------------------------------------------------------------------------------- entry point
@@ -437,8 +274,11 @@ def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = F
     s = cfg.sampling
     if s.grad_steps > s.steps:
         raise UserError(f"sampling.grad_steps: {s.grad_steps} > sampling.steps ({s.steps})")
+    from tc_lite.families import family_for
+
     target = _Target.of(cfg)
-    arch = resolve_architecture(cfg)
+    family = family_for(cfg.model)
+    arch = family.architecture(cfg)
     tracker = _FakeStepTracker("cpu", round_to if round_to is not None else (512 if target.cuda else 1))
     policy = cuda_autocast_policy() if target.cuda and fp32_norms else contextlib.nullcontext()
     if attention_backend is not None:
@@ -448,7 +288,7 @@ def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = F
         policy_outer: contextlib.AbstractContextManager = sdpa_kernel([backend])
     else:
         policy_outer = contextlib.nullcontext()
-    meta = _MetaModels.build(cfg, arch)
+    meta = _MetaModels.build(cfg, family, arch)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     traced = s.grad_steps if exact else min(s.grad_steps, MAX_TRACED_GRAD_STEPS)
@@ -476,7 +316,8 @@ def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = F
         "height": s.height, "width": s.width, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
         "steps": s.steps, "grad_steps": s.grad_steps, "guidance_scale": s.guidance_scale,
         "precision": target.precision + ("" if target.cuda else " (cpu)"),
-        "lora": f"LoRA r={cfg.lora.rank}" if cfg.lora.mode == "lora" else "full encoder",
+        "lora": (f"LoRA r={cfg.lora.rank}" if cfg.lora.mode == "lora" else "full encoder")
+        + ("" if len(family.slots) == 1 else f" on {', '.join(s.name for s in family.slots)}"),
         "optimizer": cfg.optim.name, "attention": cfg.memory.attention,
         "checkpoint_unet": cfg.memory.checkpoint_unet, "checkpoint_vae": cfg.memory.checkpoint_vae,
         "prefix_cache": s.prefix_cache, "offload": cfg.rewards.offload,

@@ -1,7 +1,7 @@
-"""The step's modules as fake tensors, from configs, no weights: the UNet, VAE, text encoder (with LoRA or the frozen
-copy full fine-tuning keeps) and CLIP-tower rewards built on 'meta' (`_MetaModels`), swapped for fake tensors on a
-device (`_materialize`), and the stand-ins the estimator needs where the real objects cannot run on fake tensors
-(tokenizer, bitsandbytes AdamW8bit state, accelerate's sequential offload, custom rewards). Used by `estimate.py`.
+"""The step's modules as fake tensors, from configs, no weights: the family's components, the adapters on them and
+CLIP-tower rewards built on 'meta' (`_MetaModels`), swapped for fake tensors on a device (`_materialize`), and the
+stand-ins the estimator needs where the real objects cannot run on fake tensors (tokenizer, scheduler, prefix
+cache, bitsandbytes AdamW8bit state, accelerate's sequential offload, custom rewards). Used by `estimate.py`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from types import SimpleNamespace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -224,43 +225,30 @@ class _Target:
 
 @dataclass
 class _MetaModels:
-    """The step's modules on 'meta', wired as `Recipe.setup` wires them (built before any fake tensor exists:
-    module dtype conversions on fake parameters are not possible)."""
+    """The step's modules on 'meta', built and wired as `Recipe.setup` builds them -- the family's components, the
+    adapters `build_adapters` applies, the rewards -- before any fake tensor exists (module dtype conversions on
+    fake parameters are not possible)."""
 
-    unet: nn.Module
-    vae: nn.Module
-    te: nn.Module
-    original: nn.Module | None  # the frozen encoder copy that full fine-tuning keeps
+    family: Any
+    components: Any
+    adapters: Any
     rewards: list[tuple[str, Any, float]]
     notes: list[str]
 
     @classmethod
-    def build(cls, cfg: Config, arch: Architecture) -> _MetaModels:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
+    def build(cls, cfg: Config, family: Any, arch: Architecture) -> _MetaModels:
+        from tc_lite.adapters import build_adapters
         from tc_lite.decode import configure_vae
-        from tc_lite.lora import add_lora
 
         notes: list[str] = []
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(arch.unet)
-            vae = AutoencoderKL.from_config(arch.vae)
-            te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in arch.text_encoder.items() if not k.startswith("_")}))
-            for m in (unet, vae, te):
-                m.requires_grad_(False)
-            original = None
-            if cfg.lora.mode == "lora":
-                te = add_lora(te, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                              targets=cfg.lora.targets)
-            else:
-                original = copy.deepcopy(te)
-                te.requires_grad_(True)  # enable_full_finetune: every weight trainable, in fp32
+            comps = family.meta_components(arch)
+            adapters = build_adapters(cfg.lora, family, comps)
             rewards = cls._rewards(cfg, notes)
-        configure_vae(vae, cfg.memory.checkpoint_vae)
+        configure_vae(comps.vae, cfg.memory.checkpoint_vae)
         if cfg.memory.attention == "xformers":
             notes.append("memory.attention=xformers is estimated as PyTorch SDPA (same O(N) memory)")
-        return cls(unet, vae, te, original, rewards, notes)
+        return cls(family, comps, adapters, rewards, notes)
 
     @staticmethod
     def _rewards(cfg: Config, notes: list[str]) -> list[tuple[str, Any, float]]:
@@ -280,3 +268,61 @@ class _MetaModels:
             else:
                 entries.append((label, _ClipReward(shape, shared).requires_grad_(False), term.weight))
         return entries
+
+
+class ShapeScheduler:
+    """DDIM/Euler-shaped arithmetic with Python-float coefficients (see the module docstring)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.init_noise_sigma = 1.0 if kind == "ddim" else 14.6
+        self.timesteps: list[int] = []
+
+    def set_timesteps(self, n: int, device: Any = None) -> None:
+        self.timesteps = [999 - i * (1000 // n) for i in range(n)]
+
+    def set_begin_index(self, index: int) -> None:
+        pass
+
+    def scale_model_input(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return x if self.kind == "ddim" else x / 2.0
+
+    def step(self, eps: torch.Tensor, t: Any, latents: torch.Tensor, eta: float = 0.0, generator: Any = None,
+             return_dict: bool = False) -> tuple[torch.Tensor]:
+        if self.kind == "ddim":
+            x0 = (latents - 0.5 * eps) / 0.8
+            return (0.9 * x0 + 0.4 * eps,)
+        return (latents + 0.1 * eps,)  # Euler: sample + dt * derivative (eps-parameterised)
+
+
+class _PhasedRewards:
+    """The reward mix, entered as the 'reward' phase. The gradient reaching the images marks the start of the
+    backward through the decoder (and, for the UNet hook, that UNet calls from now on are recomputations)."""
+
+    def __init__(self, mix: Any, tracker: MemoryTracker):
+        self.mix, self.tracker = mix, tracker
+        self.entries = mix.entries
+        self.on_backward: Callable[[], None] = lambda: None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> Any:
+        self.tracker.enter_phase("reward")
+        if images.requires_grad:
+            images.register_hook(self._backward_starts)
+        return self.mix(images, prompts)
+
+    def _backward_starts(self, grad: torch.Tensor) -> None:
+        self.on_backward()
+        self.tracker.enter_phase("decode backward")
+
+
+class _ShapePrefix:
+    """Stands in for `PrefixCache` as the step's latent source: the cached fp16 latent, read on the host and moved
+    to the device (which of a prompt's noises a step draws does not change memory)."""
+
+    def __init__(self, start: int, channels: int, vae: nn.Module, s: Any):
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.start, self.shape = start, (int(channels), s.height // f, s.width // f)
+
+    def starting_latents(self, prompts: list[str], gen: Any, grad_steps: int) -> tuple[torch.Tensor, int]:
+        host = torch.empty((len(prompts), *self.shape), dtype=torch.float16, device="meta")
+        return host.to("cpu").float(), self.start
