@@ -17,7 +17,7 @@ import torch
 from tc_lite.cli import main
 from tc_lite.config import EvalConfig, load_config, save_config
 from tc_lite.errors import UserError
-from tc_lite.evaluate import evaluate, parse_reward_spec, parse_seeds
+from tc_lite.evaluate import EvalSettings, evaluate, evaluate_run, parse_reward_spec, parse_seeds
 from tc_lite.tracking import HeldOutEval, NullTracker, TensorBoardTracker, make_tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +79,10 @@ def test_evaluate_pairs_seeds_scores_every_reward_and_writes_the_report(tmp_path
     from tc_lite.rewards import build_reward
 
     logs: list[str] = []
-    res = evaluate("tiny", [lora_file], prompts=parti_tsv, num_prompts=3, seeds=[3, 7], steps=3,
-                   rewards={"red": RED, "clip": {"type": "clip", "args": {"model": str(clip_dir)}}},
-                   out_dir=tmp_path / "ev", grid_prompts=2, save_images=True, progress=False, log=logs.append)
+    settings = EvalSettings(prompts=parti_tsv, num_prompts=3, seeds=[3, 7], steps=3,
+                            rewards={"red": RED, "clip": {"type": "clip", "args": {"model": str(clip_dir)}}},
+                            out_dir=tmp_path / "ev", grid_prompts=2, save_images=True, progress=False)
+    res = evaluate("tiny", [lora_file], settings, log=logs.append)
     s = res.summary
     assert [m["name"] for m in s["models"]] == ["base", "red_boost"]
     assert s["rewards"] == ["red", "clip"] and s["num_prompts"] == 3 and s["seeds"] == [3, 7]
@@ -151,6 +152,42 @@ def test_eval_command_on_a_run_folder_uses_its_settings(tmp_path, lora_file, cap
 def test_eval_command_errors_name_the_argument(tmp_path, argv, message, capsys):
     assert main(["eval", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) != 0
     assert message in capsys.readouterr().err
+
+
+def test_eval_settings_report_every_problem_at_once(tmp_path, lora_file):
+    assert EvalSettings().problems() == [] and EvalSettings().replace(seeds=2).seeds == 2
+    bad = EvalSettings(seeds="0,x", num_prompts=0, batch_size=0, grid_prompts=-1, steps=0, guidance=0.5,
+                       precision="fp8", reward_offload="gpu", names=["a", "b"], rewards="color")
+    with pytest.raises(UserError) as info:
+        bad.validate([lora_file, tmp_path / "missing.safetensors"])
+    message = str(info.value)
+    assert message.startswith("9 problems in the eval settings:\n  - seeds: ")
+    for field in ("seeds:", "num_prompts:", "batch_size:", "grid_prompts:", "steps:", "guidance:", "precision:",
+                  "reward_offload:", "missing.safetensors': file not found"):
+        assert field in message, field
+    assert len(info.value.problems) == 9 and "names: 2 name(s) for 2 LoRA(s)" not in message
+    with pytest.raises(UserError, match="^names: 2 name"):
+        EvalSettings(names=["a", "b"], rewards="color").validate([lora_file])
+    with pytest.raises(UserError, match=r"^num_prompt: unknown eval setting \(did you mean num_prompts\?\)$"):
+        EvalSettings().replace(num_prompt=3)
+    with pytest.raises(UserError, match="^num_prompts: must be at least 1, got 0$"):  # one problem reads as itself
+        evaluate("tiny", [], EvalSettings(num_prompts=0, rewards="color"))
+
+
+def test_evaluate_run_unknown_override_and_bad_values_in_one_error(tmp_path, lora_file):
+    run = tmp_path / "run"
+    cfg = load_config(ROOT / "presets" / "tiny-cpu.yaml", [f"output.dir={run}", "eval.prompts=builtin:tiny"])
+    save_config(cfg, run / "config.yaml")
+    (run / "tiny_cpu.safetensors").write_bytes(lora_file.read_bytes())
+    with pytest.raises(UserError) as info:
+        evaluate_run(run, num_promts=2, sharpen=True, seeds=0, batch_size=0, progress=False)
+    problems = info.value.problems
+    assert problems[0] == "num_promts: unknown eval setting (did you mean num_prompts?)"
+    assert problems[1].startswith("sharpen: unknown eval setting; known settings: out_dir, prompts,")
+    assert [p.split(":")[0] for p in problems[2:]] == ["seeds", "batch_size"]
+    assert not (run / "eval").exists()  # nothing ran
+    with pytest.raises(UserError, match="^steps: must be an integer >= 1, got 0$"):  # known names: evaluate checks
+        evaluate_run(run, steps=0)
 
 
 def test_parse_seeds_and_reward_spec():

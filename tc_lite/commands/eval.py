@@ -6,7 +6,8 @@ Two ways to say what to compare:
         --prompts PartiPrompts.tsv --rewards aesthetic,clip,pickscore,hpsv2 --seeds 4 --out outputs/eval
     python -m tc_lite eval --run outputs/aesthetic          # the run's model, LoRA, sampling settings and rewards
 
-The logic lives in ``tc_lite.evaluate``; this module only maps arguments onto it (heavy imports inside ``_run``).
+The logic lives in ``tc_lite.evaluate``; this module only maps arguments onto its ``EvalSettings`` fields (heavy
+imports inside ``_run``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 def _run(args: argparse.Namespace) -> int:
     from tc_lite.errors import UserError
-    from tc_lite.evaluate import evaluate, evaluate_run
+    from tc_lite.evaluate import EvalSettings, evaluate, evaluate_run
 
     options: dict[str, Any] = {
         "seeds": args.seeds,
@@ -48,8 +49,7 @@ def _run(args: argparse.Namespace) -> int:
                         "or --run RUN_DIR (a finished training run)")
     if args.rewards is None:
         raise UserError("eval: --rewards is required with --model, e.g. --rewards aesthetic,clip,pickscore,hpsv2")
-    options.setdefault("out_dir", "outputs/eval")
-    evaluate(args.model, args.lora or [], **options)
+    evaluate(args.model, args.lora or [], EvalSettings(**options))
     return 0
 
 
