@@ -26,9 +26,12 @@ COMMAND_MODULES = [
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import run_training
+    from .preflight import preflight
 
     cfg = load_config(args.preset, args.overrides)
+    preflight(cfg, source=args.preset)  # reward args, LoRA targets, prompt files, model paths: before any model loads
+    from .train import run_training  # heavy (diffusers, peft): only once the config is known to be sound
+
     run_training(cfg)
     return 0
 

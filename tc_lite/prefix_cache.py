@@ -35,28 +35,9 @@ import torch
 from tc_lite.conditioning import Cond
 from tc_lite.errors import UserError
 from tc_lite.io import save_safetensors_atomic, save_text_atomic
+from tc_lite.prefix_rules import prefix_cache_problems
 
 KEY_VERSION = 2  # 2: computed by tc_lite.render (eta noise from each image's own seed generator); family in key
-
-
-def prefix_cache_problems(sampling: Any, adapters: Any = None) -> list[str]:
-    """Why the prefix cache cannot be used with these settings (empty: it can). The one place that decides it;
-    the config check and the cache itself both ask here."""
-    problems = []
-    if sampling.encoder_schedule != "two_encoder":
-        problems.append("sampling.prefix_cache: needs sampling.encoder_schedule=two_encoder (only then do the early "
-                        "steps not depend on the trained weights)")
-    if sampling.scheduler == "dpm++":
-        problems.append("sampling.prefix_cache: DPM++ carries a multistep history the cached latent does not hold; "
-                        "use sampling.scheduler=ddim or euler")
-    if sampling.grad_steps_min is not None:
-        problems.append("sampling.prefix_cache: random truncation (grad_steps_min) changes where the prefix ends; "
-                        "unset one of them")
-    for a in adapters or ():
-        if a.affects_prefix:
-            problems.append(f"sampling.prefix_cache: the {a.kind} on {a.key} changes the no-grad prefix while it "
-                            "trains, so a cached prefix would be stale; turn the cache off")
-    return problems
 
 
 def noise_seed(train_seed: int, prompt: str, variant: int = 0) -> int:

@@ -117,3 +117,92 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["optim.lr=3e-5", "rewards.terms.aesthetic.weight=2"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["logging.sample_prompts=[]"], "logging.sample_prompts: empty while logging.sample_every > 0"),
+    (["eval.every=5", "eval.seeds=[]"], "eval.seeds: empty while eval.every > 0"),
+])
+def test_empty_sample_prompts_and_eval_seeds(overrides, needle):
+    assert any(needle in m for m in problems(None, overrides))
+    load_config(None, [*overrides, "logging.sample_every=0", "eval.every=0"])  # fine once the feature is off
+
+
+def test_a_wrongly_typed_value_hides_no_combination_problem():
+    found = problems(None, ["sampling.steps=abc", "sampling.prefix_cache=lazy", "sampling.scheduler=dpm++",
+                            "sampling.height=500", "memory.device=cpu", "memory.precision=fp16", "train.steps=true"])
+    assert any(m.startswith("sampling.steps: expected an integer") for m in found)
+    assert any(m.startswith("train.steps: expected an integer") for m in found)
+    assert any("DPM++ carries a multistep history" in m for m in found)
+    assert any("sampling.height: 500 is not a multiple of 8" in m for m in found)
+    assert any("memory.precision: fp16 needs a CUDA GPU" in m for m in found)
+    # the checks that read a wrongly typed value are skipped, not run on it (no "5 > sampling.steps (abc)")
+    assert not any(m.startswith(("sampling.grad_steps:", "optim.warmup_steps:")) for m in found), found
+
+
+def test_a_wrongly_typed_choice_skips_only_its_checks():
+    found = problems(None, ["sampling.prefix_cache=lazzy", "sampling.scheduler=dpm++", "sampling.grad_steps=30"])
+    assert [m.split(":")[0] for m in found] == ["sampling.prefix_cache", "sampling.grad_steps"], found
+
+
+@pytest.mark.parametrize("preset, override, where", [
+    (None, "train.steps.x=1", "train.steps"),
+    (ROOT / "presets" / "tiny-cpu.yaml", "sampling.height.foo=2", "sampling.height"),  # the preset sets the value
+    (None, "sampling.height.foo=2", "sampling.height"),
+    (None, "lora.targets.x=q_proj", "lora.targets"),
+    (None, "model.source.a.b=1", "model.source"),
+])
+def test_an_override_into_a_single_value_is_an_error(preset, override, where):
+    (msg,) = problems(preset, [override])
+    key = override.split("=")[0]
+    assert msg.startswith(f"{key}: {where} is a single value") and f"{where}=VALUE" in msg, msg
+
+
+def test_an_override_into_a_non_mapping_free_form_value_is_an_error():
+    (msg,) = problems(ROOT / "presets" / "tiny-cpu.yaml", ["rewards.terms.redness.args.target.x=1"])
+    assert msg.startswith("rewards.terms.redness.args.target.x: rewards.terms.redness.args.target is [1.0, 0.0, 0.0]")
+
+
+def test_overrides_into_unknown_sections_and_free_form_args():
+    (msg,) = problems(None, ["sampling.stepz.x=1"])
+    assert msg.startswith("sampling.stepz: unknown key") and "did you mean 'steps'" in msg
+    (msg,) = problems(None, ["samplin.steps=3"])
+    assert msg.startswith("samplin: unknown key") and "did you mean 'sampling'" in msg
+    cfg = load_config(None, ["rewards.terms.clip.args.arch.embed_dim=768", "rewards.terms.extra.weight=2"])
+    assert cfg.rewards.terms["clip"].args == {"arch": {"embed_dim": 768}} and cfg.rewards.terms["extra"].weight == 2
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n", "~\n"])
+def test_an_empty_preset_is_an_error_that_says_how_to_start_from_the_defaults(tmp_path, text):
+    p = write(tmp_path, "x.yaml", text)
+    (msg,) = problems(p)
+    assert msg.startswith(f"{p}: the preset is empty") and "inherit:" in msg and "base.yaml" in msg
+
+
+def test_an_empty_inherited_parent_is_an_error(tmp_path):
+    write(tmp_path, "empty.yaml", "# nothing yet\n")
+    child = write(tmp_path, "child.yaml", "inherit: empty.yaml\ntrain: {steps: 3}\n")
+    (msg,) = problems(child)
+    assert msg.startswith(f"{tmp_path / 'empty.yaml'}: the preset is empty")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (msg,) = problems(write(sub, "y.yaml", ""))
+    import os
+
+    rel = os.path.relpath(ROOT / "presets" / "base.yaml", sub)
+    assert f"`inherit: {rel}`" in msg or f"`inherit: {ROOT / 'presets' / 'base.yaml'}`" in msg
+
+
+def test_the_package_keeps_every_name_imported_before_the_split():
+    import tc_lite.config as config
+
+    for name in ("Config", "load_config", "save_config", "RewardTerm", "MemoryConfig", "OptimConfig", "EvalConfig",
+                 "ModelConfig", "LoraConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig",
+                 "OutputConfig", "LoggingConfig", "load_raw", "parse_override", "_build", "_convert",
+                 "_check_combinations", "_suggest", "_type_name", "_fix_yaml_floats", "_read_yaml", "_merge"):
+        assert hasattr(config, name), name
+
+
+def test_no_config_module_exceeds_400_lines():
+    for path in (ROOT / "tc_lite" / "config").glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, path

@@ -102,24 +102,27 @@ def _import(path: str, name: str) -> Any:
     return target
 
 
-def _check_args(name: str, factory: Any, args: dict[str, Any]) -> None:
+def reward_parameters(factory: Any) -> tuple[list[str] | None, list[str]] | None:
+    """The keyword args ``factory`` accepts (None: any, it takes ``**kwargs``) and those it requires; None when it
+    has no introspectable signature (C callables)."""
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
-        return  # no introspectable signature (C callables): let the call itself decide
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        accepted = None
-    else:
-        accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return None
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    accepted = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) else [p.name for p in named]
+    return accepted, [p.name for p in named if p.default is inspect.Parameter.empty]
+
+
+def _check_args(name: str, factory: Any, args: dict[str, Any]) -> None:
+    found = reward_parameters(factory)
+    if found is None:
+        return  # no introspectable signature: let the call itself decide
+    accepted, required = found
     if accepted is not None:
         unknown = sorted(set(args) - set(accepted))
         if unknown:
             raise UserError(f"reward '{name}': unknown arg(s) {unknown}; accepted: {accepted or 'none'}.")
-    required = [
-        p.name
-        for p in params
-        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
     missing = [r for r in required if r not in args]
     if missing:
         raise UserError(f"reward '{name}': missing required arg(s) {missing}.")
@@ -156,6 +159,21 @@ def _check_target(name: str, target: object) -> float | None:
     return float(target)
 
 
+def resolve_reward(name: str) -> tuple[Any, bool]:
+    """The class or factory ``name`` names, and whether it is a built-in: imported, never called (nothing is
+    constructed, no weights load), for checking a config before training. UserError, with the fix, otherwise."""
+    if not isinstance(name, str) or not name.strip():
+        raise _unknown(str(name))
+    name = name.strip()
+    builtin = name in BUILTIN_REWARDS
+    if not builtin and ":" not in name:
+        raise _unknown(name)
+    factory = _import(BUILTIN_REWARDS.get(name, name), name)
+    if not callable(factory):
+        raise UserError(f"custom reward '{name}' is not a class or factory function.")
+    return factory, builtin
+
+
 def build_reward(name: str, *, args: dict[str, Any] | None = None, target: float | None = None) -> Reward:
     """Build the reward called ``name`` with keyword ``args`` (UserError on any problem the user can fix).
 
@@ -175,12 +193,7 @@ def _build(name: str, args: dict[str, Any] | None) -> Reward:
         args = {}
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise UserError(f"reward '{name}': args must be a mapping of names to values, got {args!r}.")
-    builtin = name in BUILTIN_REWARDS
-    if not builtin and ":" not in name:
-        raise _unknown(name)
-    factory = _import(BUILTIN_REWARDS.get(name, name), name)
-    if not callable(factory):
-        raise UserError(f"custom reward '{name}' is not a class or factory function.")
+    factory, builtin = resolve_reward(name)
     if not builtin and not args and _is_reward_function(factory):
         return as_reward(factory, name)  # 'module:function' naming the reward itself, not a factory
     _check_args(name, factory, args)
