@@ -27,3 +27,22 @@ def tiny_components():
     from tc_lite.models import build_tiny_components
 
     return build_tiny_components(seed=0, pretrain=True)
+
+
+def prompt_encoder(components, lora_encoder=None):
+    """A `PromptEncoder` for the tiny SD1 components whose `base` runs `lora_encoder`'s LoRA disabled (as the
+    text-encoder LoRA adapter does), for tests that inject the LoRA themselves (with a fixed init seed, say)."""
+    from tc_lite.adapters import AdapterSet
+    from tc_lite.adapters.base import Adapter
+    from tc_lite.conditioning import PromptEncoder
+    from tc_lite.families import FAMILIES
+    from tc_lite.lora import lora_disabled
+
+    class _Injected(Adapter):
+        key, kind = "te", "lora"
+
+        def original(self):
+            return lora_disabled(lora_encoder)
+
+    adapters = AdapterSet([_Injected()]) if lora_encoder is not None else None
+    return PromptEncoder(FAMILIES["sd1"], components, adapters)

@@ -90,7 +90,7 @@ def test_export_from_a_checkpoint(lora_run, tmp_path):
     path = export_run(lora_run, "kohya", checkpoint=ckpt, save_precision="fp32", log=lambda _: None)
     assert path.name == "tiny_cpu_step000001.safetensors"
     tensors, meta = read_kohya(path)
-    trainable = torch.load(ckpt, weights_only=True)["trainable"]
+    trainable = torch.load(ckpt, weights_only=True)["adapters"]["te"]
     a = next(v for k, v in trainable.items() if k.endswith("layers.0.self_attn.q_proj.lora_A.tc_lite.weight"))
     assert torch.equal(tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"], a)
     assert meta["ss_steps"] == "1" and len(tensors) == 2 * 6 * 3  # 2 layers x 6 modules x (down, up, alpha)
@@ -140,7 +140,8 @@ def test_export_errors_are_user_errors(lora_run, full_run, tmp_path, capsys):
     with pytest.raises(UserError, match="does not fit the run"):
         export_run(lora_run, "kohya", checkpoint=other)
     state = torch.load(lora_run / "checkpoints" / "step_000001.pt", weights_only=True)
-    state["trainable"] = {k: torch.zeros(8, v.shape[1]) if "lora_A" in k else v for k, v in state["trainable"].items()}
+    state["adapters"]["te"] = {k: torch.zeros(8, v.shape[1]) if "lora_A" in k else v
+                               for k, v in state["adapters"]["te"].items()}
     torch.save(state, tmp_path / "step_000009.pt")
     with pytest.raises(UserError, match="does not fit the run.*another run or base model"):
         export_run(lora_run, "kohya", checkpoint=tmp_path / "step_000009.pt")

@@ -56,13 +56,13 @@ def test_weight_zero_is_the_base_model_exactly(setup):
 def test_embeddings_are_linear_in_w_and_mix_several_loras(setup):
     comps, _, files = setup
     emb = encode_prompts(comps, PROMPTS, files)
-    d0, d1 = emb.tuned[0] - emb.orig, emb.tuned[1] - emb.orig
+    d0, d1 = emb.tuned[0].hidden - emb.orig.hidden, emb.tuned[1].hidden - emb.orig.hidden
     assert d0.abs().max() > 0.05 and d1.abs().max() > 0.05
     for w in (0.5, 1.0, 1.7, -0.3):
-        assert torch.allclose(emb.mix([w, 0.0]) - emb.orig, w * d0, atol=1e-6)
-    half = emb.mix([0.5, 0.0])
-    assert torch.allclose(half, 0.5 * (emb.mix([0.0, 0.0]) + emb.mix([1.0, 0.0])), atol=1e-6)
-    assert torch.allclose(emb.mix([0.6, 0.4]), emb.orig + 0.6 * d0 + 0.4 * d1, atol=1e-6)
+        assert torch.allclose(emb.mix([w, 0.0]).hidden - emb.orig.hidden, w * d0, atol=1e-6)
+    half = emb.mix([0.5, 0.0]).hidden
+    assert torch.allclose(half, 0.5 * (emb.mix([0.0, 0.0]).hidden + emb.mix([1.0, 0.0]).hidden), atol=1e-6)
+    assert torch.allclose(emb.mix([0.6, 0.4]).hidden, emb.orig.hidden + 0.6 * d0 + 0.4 * d1, atol=1e-6)
     with pytest.raises(UserError, match="one per LoRA"):
         emb.mix([1.0])
 
@@ -73,10 +73,10 @@ def test_lora_file_gives_the_trainers_encoder(setup):
     comps, tuned, files = setup
     from_file = encode_prompts(comps, PROMPTS, [files[0]])
     from_module = encode_prompts(comps, PROMPTS, [tuned[0]])
-    assert torch.allclose(from_file.tuned[0], from_module.tuned[0], atol=1e-6)
+    assert torch.allclose(from_file.tuned[0].hidden, from_module.tuned[0].hidden, atol=1e-6)
     ids = comps.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        assert torch.allclose(from_file.tuned[0][:2], tuned[0](ids)[0], atol=1e-6)
+        assert torch.allclose(from_file.tuned[0].hidden[:2], tuned[0](ids)[0], atol=1e-6)
     a = generate(comps, PROMPTS[:1], [0], loras=[(files[0], 1.0)], **FAST)
     b = generate(comps, PROMPTS[:1], [0], loras=[(tuned[0], 1.0)], **FAST)
     assert (a - b).abs().max() < 1e-5

@@ -150,10 +150,21 @@ def test_lora_disabled_gives_exact_base_output_and_restores_state(base, ids):
     assert trainable_parameters(te) == []
 
 
-def test_lora_disabled_is_noop_without_lora(base, ids):
-    with lora_disabled(base):
-        y = out(base, ids)
-    assert torch.equal(y, out(base, ids))
+def test_lora_disabled_touches_only_tc_lites_own_adapter(base, ids):
+    """Another program's LoRA on the same encoder (diffusers names its adapters default_N) stays active inside
+    `lora_disabled`, and neither its requires_grad flags nor the module's mode change."""
+    other = add_lora(copy.deepcopy(base), rank=RANK, alpha=ALPHA, init_seed=3, adapter="default_0")
+    with torch.no_grad():
+        for _, layer in lora_layers(other, "default_0"):
+            layer.lora_B["default_0"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(4))
+    with_other = out(other, ids)
+    assert (with_other - out(base, ids)).abs().max() > 1e-2  # the foreign LoRA does change the output
+    flags = [p.requires_grad for p in other.parameters()]
+    other.train()
+    with lora_disabled(other):
+        assert torch.equal(out(other, ids), with_other)
+        assert other.training
+    assert [p.requires_grad for p in other.parameters()] == flags
 
 
 def merged_copy(base, sd: dict[str, torch.Tensor], scale: float = 1.0) -> CLIPTextModel:

@@ -12,15 +12,18 @@ import torch
 from tc_lite.config import load_config
 from tc_lite.decode import decode
 from tc_lite.errors import UserError
-from tc_lite.lora import add_lora, lora_disabled
+from tc_lite.lora import add_lora
+from tc_lite.families import FAMILIES
 from tc_lite.prefix_cache import (
     PrefixCache,
-    for_recipe,
+    build_prefix_cache,
     noise_seed,
     prefix_identity,
     weights_fingerprint,
 )
-from tc_lite.sampling import DenoisePlan, Denoiser, TextConditioner, make_scheduler
+from tc_lite.render import RenderPlan, Renderer
+from tc_lite.sampling import DenoisePlan, Denoiser, make_scheduler
+from tests.conftest import prompt_encoder
 from tc_lite.train import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,18 +44,21 @@ def setup(tiny_components):
         for name, p in te.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    conditioner = TextConditioner(comps.tokenizer, te, torch.device("cpu"), original=lambda: lora_disabled(te))
+    conditioner = prompt_encoder(comps, te)
     return comps, te, conditioner
 
 
+SD1 = FAMILIES["sd1"]
+
+
 def _cache(tmp_path, comps, conditioner, cfg, dtype=torch.float16) -> PrefixCache:
-    identity = prefix_identity(cfg, comps, precision="fp32", device=torch.device("cpu"))
+    identity = prefix_identity(cfg, SD1, comps, precision="fp32", device=torch.device("cpu"))
     uncond = conditioner.base([cfg.sampling.negative_prompt])
-    return PrefixCache(tmp_path / "cache", identity, unet=comps.unet,
-                       scheduler=make_scheduler(cfg.sampling.scheduler, comps.scheduler),
-                       autocast=lambda: torch.autocast("cpu", enabled=False),
-                       compute_conditioning=lambda ps: (conditioner.base(ps), uncond), latent_shape=(4, 8, 8),
-                       device=torch.device("cpu"), train_seed=cfg.train.seed, dtype=dtype)
+    renderer = Renderer(comps, RenderPlan.from_sampling(cfg.sampling, tuned_steps=0),
+                        lambda: torch.autocast("cpu", enabled=False))
+    return PrefixCache(tmp_path / "cache", identity, renderer=renderer,
+                       compute_conditioning=lambda ps: (conditioner.base(ps), uncond), train_seed=cfg.train.seed,
+                       dtype=dtype)
 
 
 @pytest.mark.parametrize("scheduler,dtype", [("ddim", torch.float32), ("euler", torch.float32),
@@ -90,10 +96,9 @@ def test_every_keyed_setting_changes_the_key(tmp_path, setup):
 
     def folder(*overrides: str, precision: str = "fp32", device: str = "cpu", components=comps) -> Path:
         cfg = tiny_cfg(tmp_path, *overrides)
-        identity = prefix_identity(cfg, components, precision=precision, device=torch.device(device))
-        return PrefixCache(tmp_path, identity, unet=comps.unet, scheduler=comps.scheduler, autocast=lambda: None,
-                           compute_conditioning=lambda ps: None, latent_shape=(4, 8, 8),
-                           device=torch.device("cpu")).folder
+        identity = prefix_identity(cfg, SD1, components, precision=precision, device=torch.device(device))
+        renderer = Renderer(comps, RenderPlan.from_sampling(cfg.sampling))
+        return PrefixCache(tmp_path, identity, renderer=renderer, compute_conditioning=lambda ps: None).folder
 
     changed = copy.deepcopy(comps)
     with torch.no_grad():
@@ -151,7 +156,8 @@ def test_prefill_fills_every_prompt_first(tmp_path, tiny_components):
     assert (recipe.prefix_cache.hits, recipe.prefix_cache.misses) == (0, n)
     recipe.train_step()
     assert (recipe.prefix_cache.hits, recipe.prefix_cache.misses) == (cfg.train.batch_size, n)
-    again = for_recipe(recipe, root=Path(cfg.output.dir) / "prefix_cache")
+    again = build_prefix_cache(recipe.cfg, recipe.family, recipe.components, recipe.adapters, recipe.encoder,
+                               recipe.precision, Path(cfg.output.dir))
     assert again.prefill(recipe.sampler.prompts, log=lambda s: None) == 0  # a second run reuses everything
 
 
@@ -187,3 +193,37 @@ def test_prefix_options_without_the_cache_are_config_errors(tmp_path):
     with pytest.raises(UserError) as both:  # every problem at once
         tiny_cfg(tmp_path, "sampling.prefix_variants=3", f"sampling.prefix_cache_dir={tmp_path}")
     assert "sampling.prefix_variants: applies" in str(both.value) and "sampling.prefix_cache_dir: applies" in str(both.value)
+
+
+def test_one_place_decides_whether_the_cache_may_be_used(tmp_path):
+    """`prefix_cache_problems` is what the config check and the cache ask: the schedule, the scheduler, random
+    truncation, and any adapter that changes the no-grad prefix (a UNet LoRA) all refuse it, each by name."""
+    from types import SimpleNamespace
+
+    from tc_lite.prefix_rules import prefix_cache_problems
+
+    ok = tiny_cfg(tmp_path, "sampling.prefix_cache=lazy").sampling
+    assert prefix_cache_problems(ok) == []
+    unet_lora = SimpleNamespace(key="unet", kind="lora", affects_prefix=True)
+    text_lora = SimpleNamespace(key="te", kind="lora", affects_prefix=False)
+    assert prefix_cache_problems(ok, [text_lora]) == []
+    (msg,) = prefix_cache_problems(ok, [text_lora, unet_lora])
+    assert "lora on unet changes the no-grad prefix" in msg
+    bad = tiny_cfg(tmp_path, "sampling.encoder_schedule=tuned", "sampling.scheduler=dpm++",
+                   "sampling.grad_steps_min=1").sampling
+    assert len(prefix_cache_problems(bad)) == 3
+    with pytest.raises(UserError) as err:  # the same rules, through the config check, all at once
+        tiny_cfg(tmp_path, "sampling.prefix_cache=lazy", "sampling.encoder_schedule=tuned", "sampling.scheduler=dpm++")
+    assert "two_encoder" in str(err.value) and "DPM++" in str(err.value)
+
+
+def test_the_key_names_the_family_and_skips_trained_weights(tmp_path, setup):
+    comps, te, _ = setup
+    cfg = tiny_cfg(tmp_path)
+    identity = prefix_identity(cfg, SD1, comps, precision="fp32", device=torch.device("cpu"))
+    assert identity["model"]["family"] == "sd1"
+    with torch.no_grad():
+        for name, p in te.named_parameters():
+            if "lora_B" in name:
+                p.add_(1.0)  # training moves the LoRA: the prefix (LoRA off) and its key do not change
+    assert prefix_identity(cfg, SD1, comps, precision="fp32", device=torch.device("cpu")) == identity

@@ -9,8 +9,9 @@ import torch
 
 from tc_lite.models import freeze_and_cast
 from tc_lite.memory.tracker import cuda_autocast_policy
-from tc_lite.lora import add_lora, lora_disabled, trainable_parameters
-from tc_lite.sampling import DenoisePlan, Denoiser, TextConditioner, make_scheduler
+from tc_lite.lora import add_lora, trainable_parameters
+from tc_lite.sampling import DenoisePlan, Denoiser, make_scheduler
+from tests.conftest import prompt_encoder
 
 PROMPTS = ["a red square", "a blue circle"]
 
@@ -24,7 +25,7 @@ def setup(tiny_components):
         for n, p in te.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
-    cond = TextConditioner(comps.tokenizer, te, torch.device("cpu"), original=lambda: lora_disabled(te))
+    cond = prompt_encoder(comps, te)
     return comps, te, cond
 
 
@@ -133,7 +134,7 @@ def test_no_grad_sampling_matches_diffusers_pipeline(tiny_components, scheduler)
                                    unet=comps.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    cond = TextConditioner(comps.tokenizer, comps.text_encoder, torch.device("cpu"))
+    cond = prompt_encoder(comps)
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = pipe(prompt_embeds=cond.tuned(["a red square"]).hidden, negative_prompt_embeds=cond.tuned([""]).hidden,
@@ -150,7 +151,7 @@ def test_frozen_half_unet_runs_natively_and_passes_gradients_to_the_lora(tiny_co
     comps = copy.deepcopy(tiny_components)
     freeze_and_cast(comps, torch.bfloat16)
     te = add_lora(comps.text_encoder, rank=4, alpha=4.0, targets=["q_proj", "v_proj"])
-    cond = TextConditioner(comps.tokenizer, te, torch.device("cpu"), original=lambda: lora_disabled(te))
+    cond = prompt_encoder(comps, te)
     norm_dtypes: set[torch.dtype] = set()
     hooks = [m.register_forward_hook(lambda m, a, out: norm_dtypes.add(out.dtype))
              for m in comps.unet.modules() if isinstance(m, torch.nn.GroupNorm)]

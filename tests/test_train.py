@@ -105,7 +105,7 @@ def test_cli_missing_preset_and_missing_model(tmp_path):
     r = cli("-m", "tc_lite", "train", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "preset file not found" in r.stderr and "Traceback" not in r.stderr
     r = cli("run.py", str(TINY), f"model.source={tmp_path / 'missing-model'}", f"output.dir={tmp_path / 'o'}")
-    assert r.returncode == 1 and "missing-model" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "missing-model" in r.stderr and "Traceback" not in r.stderr  # preflight, before loading
 
 
 def test_shipped_tiny_prompt_list_matches_the_tiny_task():
@@ -116,7 +116,7 @@ def test_shipped_tiny_prompt_list_matches_the_tiny_task():
 
 
 def test_out_of_memory_message_halves_the_batch_only_when_it_can():
-    from tc_lite.train import out_of_memory_message
+    from tc_lite.memory.oom import out_of_memory_message
 
     b4 = out_of_memory_message(load_config(ROOT / "presets/aesthetic-b4-12gb.yaml", []), estimate=lambda c: 8.33)
     assert "8.33 GiB" in b4 and "train.batch_size=2 with train.grad_accum=2" in b4
@@ -139,7 +139,7 @@ def test_fp16_loss_scaled_step_matches_the_fp32_gradient(tmp_path, tiny_componen
         with torch.no_grad():  # a non-zero LoRA, so that every LoRA weight gets a gradient
             for p in recipe.params:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
-        recipe.micro_step(["a red square", "a blue circle"], step_generator(0, 0, 0), StepStats())
+        recipe.trainer.micro_step(["a red square", "a blue circle"], step_generator(0, 0, 0), StepStats())
         scale = recipe.precision.scaler.get_scale() if recipe.precision.scaler.is_enabled() else 1.0
         assert next(recipe.components.unet.parameters()).dtype == (torch.float32 if precision is None else torch.float16)
         return torch.cat([p.grad.flatten() for p in recipe.params]) / scale

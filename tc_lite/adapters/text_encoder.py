@@ -85,7 +85,7 @@ class FullTextEncoder(Adapter):
             self.slot.set_encoder(self.components, tuned)
 
     def held_modules(self) -> dict[str, torch.nn.Module]:
-        return {f"original {self.slot.name} copy": self.frozen}
+        return {f"original {self.slot.name} copy": self.frozen}  # for memory reports
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in _trainable(self.module()).items()}

@@ -36,20 +36,30 @@ class RunWeights:
     step: int | None  # training step, when known
     from_checkpoint: bool = False
     file_metadata: dict[str, str] = field(default_factory=dict)
-    _base: Any = None  # the base text encoder, loaded on first use
+    _base: Any = None  # (family, components) of the base model, loaded on first use
 
-    def base_encoder(self) -> torch.nn.Module:
-        """The run's base text encoder (fp32, CPU), loaded from `model.source` in config.yaml."""
+    def base_model(self) -> tuple[Any, Any]:
+        """The run's base model (fp32, CPU) through its family, loaded from `model.source` in config.yaml."""
         if self._base is None:
             import torch
 
-            from tc_lite.models import load_components
+            from tc_lite.families import load_model
+            from tc_lite.models import freeze_and_cast
 
-            m = self.cfg.model
-            comps = load_components(m.source, dtype=torch.float32, config_dir=m.config_dir,
-                                    allow_pickle=m.allow_pickle, revision=m.revision)
-            self._base = comps.text_encoder.eval().requires_grad_(False)
+            family, comps = load_model(self.cfg.model, torch.float32)
+            freeze_and_cast(comps, torch.float32)
+            self._base = family, comps
         return self._base
+
+    def base_model_version(self) -> str:
+        from tc_lite.families import family_for
+
+        return family_for(self.cfg.model).kohya_base_model_version
+
+    def base_encoder(self) -> torch.nn.Module:
+        """The base text encoder the merged/peft/diffusers formats are written for (the family's first slot)."""
+        family, comps = self.base_model()
+        return family.slots[0].encoder(comps).eval()
 
 
 def _final_file(run_dir: Path, cfg: Any) -> Path:
@@ -98,41 +108,37 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 (pickle/zip errors of a foreign or truncated file)
         raise UserError(f"--checkpoint {str(path)!r} is not a readable tc-lite checkpoint ({type(e).__name__}: {e}); "
                         "pass a RUN_DIR/checkpoints/step_NNNNNN.pt file") from None
-    if not isinstance(state, dict) or not isinstance(state.get("trainable"), dict):
-        raise UserError(f"--checkpoint {str(path)!r} has no 'trainable' weights; it was not written by tc-lite training")
+    if not isinstance(state, dict) or not isinstance(state.get("adapters"), dict):
+        raise UserError(f"--checkpoint {str(path)!r} has no adapter weights; it was not written by tc-lite training "
+                        "(or by a tc-lite older than its model-family layout)")
     return state
 
 
 def _from_checkpoint(run: Path, cfg: Any, path: Path) -> RunWeights:
-    import torch
+    """The checkpoint's adapter state, applied to the run's adapters on a fresh copy of the base model."""
+    import copy
 
+    from tc_lite.adapters import build_adapters
     from tc_lite.export import encoder_state_dict
-    from tc_lite.inference import plain_copy
-    from tc_lite.lora import add_lora, kohya_state_dict
 
     state = _read_checkpoint(path)
-    trainable: dict[str, torch.Tensor] = state["trainable"]
     rw = RunWeights(run, cfg, "lora", {}, str(path), int(state.get("step", 0)) or None, from_checkpoint=True)
-    te = plain_copy(rw.base_encoder())
-    if cfg.lora.mode == "lora":
-        add_lora(te, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets, init_seed=0)
-    params = {n: p for n, p in te.named_parameters() if cfg.lora.mode == "full" or p.requires_grad}
-    wrong = sorted(n for n in set(params) & set(trainable) if tuple(params[n].shape) != tuple(trainable[n].shape))
-    if set(params) != set(trainable) or wrong:
-        extra = sorted(set(trainable) - set(params))
-        first = (wrong or extra or sorted(set(params) - set(trainable)))[0]
+    family, base = rw.base_model()
+    comps = copy.copy(base)
+    for slot in family.slots:  # adapters change the encoders in place: give them copies
+        slot.set_encoder(comps, copy.deepcopy(slot.encoder(base)))
+    adapters = build_adapters(cfg.lora, family, comps)
+    try:
+        adapters.load_state_dict(state["adapters"], str(path))
+    except (UserError, RuntimeError) as e:
         raise UserError(
             f"--checkpoint {str(path)!r} does not fit the run in {str(run)!r} (lora.mode={cfg.lora.mode}, "
-            f"rank {cfg.lora.rank}, base {cfg.model.source}): {len(trainable)} saved tensors vs {len(params)} "
-            f"expected, first difference {first!r}. It comes from another run or base model; pass a checkpoint "
-            "of this run, or the RUN_DIR it belongs to")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(trainable[n].to(p.dtype))
-    if cfg.lora.mode == "lora":
-        rw.weights = kohya_state_dict(te)
+            f"rank {cfg.lora.rank}, base {cfg.model.source}): {str(e).splitlines()[0]} It comes from another run or "
+            "base model; pass a checkpoint of this run, or the RUN_DIR it belongs to") from None
+    if adapters.kinds == {"lora"}:
+        rw.weights = {k: v for a in adapters for k, v in a.kohya_tensors().items()}
     else:
-        rw.kind, rw.weights = "encoder", encoder_state_dict(te)
+        rw.kind, rw.weights = "encoder", encoder_state_dict(adapters.adapters[0].module())
     return rw
 
 
@@ -194,6 +200,8 @@ def _export_lora(rw: RunWeights, lora: dict[str, torch.Tensor], fmt: str, dest: 
             output_name=dest.stem, rank=rank, alpha=alpha, lr=cfg.optim.lr, seed=cfg.train.seed,
             steps=rw.step or 0, mixed_precision=meta.get("ss_mixed_precision", cfg.memory.precision),
             optimizer=cfg.optim.name, base_model=cfg.model.source,
+            base_model_version=meta.get("ss_base_model_version", rw.base_model_version()),
+            resolution=(cfg.sampling.width, cfg.sampling.height),
             extra={"tc_lite_config": json.dumps(cfg.to_dict()), "tc_lite_source": Path(rw.label).name, **extra})
         path = write_kohya(lora, dest, metadata=metadata, save_dtype=dtype)
         log(f"wrote kohya LoRA ({what}) to {path}\n  A1111: copy to models/Lora, prompt <lora:{dest.stem}:1>; "
