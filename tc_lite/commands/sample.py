@@ -73,9 +73,9 @@ def grid_with_header(images: torch.Tensor, rows: int, row_labels: list[str], col
 def run_sample(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     import torch
 
-    from tc_lite.config import MemoryConfig
-    from tc_lite.inference import encode_prompts, sample_images
-    from tc_lite.models import load_components
+    from tc_lite.config import MemoryConfig, ModelConfig
+    from tc_lite.families import load_model
+    from tc_lite.inference import default_size, encode_prompts, sample_images
     from tc_lite.precision import resolve_precision
 
     loras = [Path(p) for p in (args.lora or [])]
@@ -87,11 +87,12 @@ def run_sample(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {str(out)!r} must end in .png")
     prec = resolve_precision(MemoryConfig(device=args.device, precision=args.precision))
-    comps = load_components(args.model, dtype=prec.weight_dtype, config_dir=args.config_dir,
-                            allow_pickle=args.allow_pickle)
-    for m in (comps.text_encoder, comps.unet, comps.vae):
+    family, comps = load_model(ModelConfig(source=args.model, config_dir=args.config_dir,
+                                           allow_pickle=args.allow_pickle), prec.weight_dtype)
+    for m in (*family.encoders(comps).values(), comps.unet, comps.vae):
         m.requires_grad_(False).eval().to(prec.device)
-    emb = encode_prompts(comps, args.prompt, loras, negative_prompt=args.negative_prompt)
+    size = (args.height or default_size(comps), args.width or default_size(comps))
+    emb = encode_prompts(comps, args.prompt, loras, negative_prompt=args.negative_prompt, size=size)
     columns = [sample_images(comps, emb, args.seeds, w, tuned_steps=args.tuned_steps, steps=args.steps,
                              guidance=args.guidance, scheduler=args.scheduler, height=args.height, width=args.width,
                              eta=args.eta, batch_size=args.batch_size, autocast=prec.autocast)

@@ -19,31 +19,35 @@ from tc_lite.evaluate.settings import EvalSettings, EvalSettingsError
 
 
 class _Renderer:
-    """The model family in one place: loads the pipeline, builds the tuned encoders and renders prompt chunks.
+    """Loads the pipeline through its family, builds the tuned encoders and renders prompt chunks.
 
-    Everything model-specific (``tc_lite.inference``, ``SDComponents``, ``comps.text_encoder``) is here and only
-    here, so moving ``evaluate`` to another model family means replacing this class. ``render`` yields one image
+    Everything model-specific goes through the family (``tc_lite.families``) and ``tc_lite.inference``, here and
+    only here. ``render`` yields one image
     batch per model, base first; every model renders a (prompt, seed) from the same initial noise (``sample_images``
     seeds each image by its seed alone) and the base model is the LoRAs at weight 0, the untouched encoder.
     """
 
     def __init__(self, model: Any, loras: Sequence[Any], settings: EvalSettings, prec: Any,
                  log: Callable[[str], None]):
-        from tc_lite.inference import default_size, tuned_encoder
-        from tc_lite.models import freeze_and_cast, load_components
+        from tc_lite.config import ModelConfig
+        from tc_lite.families import family_of, load_model
+        from tc_lite.inference import default_size, tuned_encoders
+        from tc_lite.models import freeze_and_cast
         from tc_lite.models.components import SDComponents
         from tc_lite.precision import set_attention
 
         options = dict(settings.model_options or {})
-        comps = model if isinstance(model, SDComponents) else load_components(str(model), dtype=prec.weight_dtype,
-                                                                              **options)
+        if isinstance(model, SDComponents):
+            comps = model
+        else:
+            comps = load_model(ModelConfig(source=str(model), **options), prec.weight_dtype)[1]
         freeze_and_cast(comps, prec.weight_dtype)
-        for m in (comps.unet, comps.vae, comps.text_encoder):
+        for m in (comps.unet, comps.vae, *family_of(comps).encoders(comps).values()):
             m.to(prec.device).eval()
         set_attention(comps.unet, "sdpa", prec.device, warn=log)
         self.comps, self.settings, self.autocast = comps, settings, prec.autocast
         self.source = str(comps.source or model)
-        self.tuned = [tuned_encoder(comps.text_encoder, src) for src in loras]  # built once, reused for every chunk
+        self.tuned = [tuned_encoders(comps, src) for src in loras]  # built once, reused for every chunk
         self.height = settings.height or default_size(comps)
         self.width = settings.width or default_size(comps)
 
@@ -53,7 +57,8 @@ class _Renderer:
         from tc_lite.inference import encode_prompts, sample_images
 
         s = self.settings
-        emb = encode_prompts(self.comps, texts, self.tuned, negative_prompt=s.negative_prompt)
+        emb = encode_prompts(self.comps, texts, self.tuned, negative_prompt=s.negative_prompt,
+                             size=(self.height, self.width))
         for mi in range(1 + len(self.tuned)):
             weights = [s.lora_weight if j == mi - 1 else 0.0 for j in range(len(self.tuned))]
             yield sample_images(self.comps, emb, seeds, weights, tuned_steps=s.tuned_steps if mi else None,

@@ -54,7 +54,7 @@ class EvalSettings:
     ``width`` default to the model's native size. ``device`` / ``precision`` as ``memory.device`` /
     ``memory.precision``; ``reward_offload`` as ``rewards.offload``. ``batch_size``: images per UNet batch;
     ``grid_prompts``: side-by-side grids for the first N prompts; ``save_images``: every image under
-    ``out_dir/images/``. ``model_options`` go to ``load_components`` (``config_dir``, ``allow_pickle``,
+    ``out_dir/images/``. ``model_options`` are ``model`` preset keys (``config_dir``, ``allow_pickle``,
     ``revision``, as in the ``model`` preset section).
     """
 
