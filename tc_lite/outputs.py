@@ -25,14 +25,11 @@ class MetricsLog:
 
     @staticmethod
     def truncate(path: Path, step: int) -> None:
-        """On resume, drop the lines of steps after the checkpoint: they will be logged again."""
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        from .io import save_text_atomic
+        """On resume, drop the lines of steps after the checkpoint: they will be logged again (see
+        ``tc_lite.run_folder.RunFolder.truncate_after``, which does this for every run output)."""
+        from .run_folder import truncate_jsonl
 
-        save_text_atomic("".join(line + "\n" for line in keep), path)
+        truncate_jsonl(path, step)
 
 
 class ProgressBar:

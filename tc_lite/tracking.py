@@ -11,7 +11,11 @@ Both are objects the recipe creates once and calls in its loop; neither needs a 
   ``eval.patience`` evaluations in a row without a better weighted total reward than the best so far.
 
 Resume needs no checkpoint field: ``HeldOutEval`` rebuilds its best score and patience counter from the lines of
-``eval.jsonl`` up to the resumed step, and drops later lines (they will be recomputed), like metrics.jsonl.
+``eval.jsonl`` up to the resumed step, and drops later lines (they will be recomputed), like metrics.jsonl
+(``RunFolder.truncate_after`` drops them too; doing it twice is harmless). Every evaluated step has exactly one
+line: the line of the resumed step itself is kept, so the recipe's evaluation at the start of a resumed run is
+skipped (``due`` is false for any step already in the file: the weights are the checkpoint's, the score would be
+the same), and evaluating a step again replaces its line rather than adding one.
 """
 
 from __future__ import annotations
@@ -155,6 +159,7 @@ class HeldOutEval:
         self.best_step: int | None = None
         self.bad_evals = 0
         self.last_step: int | None = None
+        self.logged: set[int] = set()  # the steps eval.jsonl holds a line for
         self.prompts: list[str] = []
         if not self.enabled:
             return
@@ -179,15 +184,12 @@ class HeldOutEval:
 
     def _restore(self, resume_step: int) -> None:
         """Rebuild best/patience from eval.jsonl lines up to ``resume_step``; drop the later ones."""
-        if not self.path.exists():
-            return
-        from tc_lite.io import save_text_atomic
-        from tc_lite.plots import read_jsonl
+        from tc_lite.run_folder import truncate_jsonl
 
-        rows = [r for r in read_jsonl(self.path) if isinstance(r.get("step"), int) and r["step"] <= resume_step]
-        save_text_atomic("".join(json.dumps(r) + "\n" for r in rows), self.path)
-        for r in rows:
+        rows = truncate_jsonl(self.path, resume_step)
+        for r in sorted((r for r in rows if isinstance(r.get("step"), int)), key=lambda r: r["step"]):
             self._update(r["step"], float(r["reward"]))
+            self.logged.add(r["step"])
 
     def _update(self, step: int, reward: float) -> bool:
         improved = reward > self.best_reward
@@ -200,7 +202,7 @@ class HeldOutEval:
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is an evaluation step not evaluated yet (step 0 included: the base model's score)."""
-        return self.enabled and step % self.cfg.every == 0 and step != self.last_step
+        return self.enabled and step % self.cfg.every == 0 and step not in self.logged
 
     @property
     def should_stop(self) -> bool:
@@ -238,14 +240,26 @@ class HeldOutEval:
             "num_images": n,
             "sec": time.perf_counter() - t0,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(record)
         note = "new best" if improved else f"best {self.best_reward:.4g} at step {self.best_step}"
         if self.cfg.patience:
             note += f", {self.bad_evals}/{self.cfg.patience} without improvement"
         self.log(f"eval @ step {step}: held-out reward {reward:.4g} ± {record['reward_se']:.2g} ({note})")
         return record
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """One line per step: a step evaluated again (a direct ``evaluate`` call) replaces its old line."""
+        from tc_lite.io import save_text_atomic
+
+        step = record["step"]
+        if step in self.logged and self.path.is_file():
+            lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()
+                     and _step_of(line) != step]
+            save_text_atomic("".join(line + "\n" for line in lines), self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.logged.add(step)
 
     def maybe_evaluate(self, step: int, render: RenderFn, score: ScoreFn) -> dict[str, Any] | None:
         """``evaluate`` when ``due(step)``, else None: the one call the training loop makes."""
@@ -254,3 +268,11 @@ class HeldOutEval:
     def stop_message(self) -> str:
         return (f"early stop: no better held-out reward in {self.bad_evals} evaluations "
                 f"(eval.patience={self.cfg.patience}); best {self.best_reward:.4g} at step {self.best_step}")
+
+
+def _step_of(line: str) -> Any:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row.get("step") if isinstance(row, dict) else None

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .adapters import build_adapters
-from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .conditioning import PromptEncoder
 from .config import Config, save_config
 from .data import PromptSampler, load_prompts
@@ -31,6 +31,7 @@ from .outputs import MetricsLog, ProgressBar, make_grid
 from .precision import resolve_precision, set_attention
 from .render import RenderPlan, Renderer
 from .rewards import RewardMix, build_reward
+from .run_folder import RunFolder
 from .sampling import Denoiser, make_scheduler
 from .step import FreshNoise, StepStats, TrainStep, step_generator
 from .tracking import HeldOutEval, make_tracker
@@ -60,7 +61,8 @@ class Recipe:
         from .memory.plan import apply_memory_plan
 
         cfg = self.cfg = apply_memory_plan(self.cfg, log=self.log)  # memory.plan: auto picks the switches; else as is
-        self._prepare_output_dir()
+        self.run_folder = RunFolder(self.out, cfg.output.name)  # one run per folder (see tc_lite.run_folder)
+        self.resume_from = self.run_folder.prepare(overwrite=cfg.output.overwrite, resume=cfg.train.resume)
         self.precision = p = resolve_precision(cfg.memory)
         if p.device.type == "cpu" and cfg.memory.cpu_threads:
             torch.set_num_threads(cfg.memory.cpu_threads)
@@ -123,24 +125,6 @@ class Recipe:
             self.prefix_cache.prefill(prompts, batch_size=self.cfg.train.batch_size, log=self.log)
         return self.prefix_cache
 
-    def _prepare_output_dir(self) -> None:
-        final = self.out / f"{self.cfg.output.name}.safetensors"
-        if final.exists() and not self.cfg.output.overwrite:
-            raise UserError(f"output.dir: {self.out} already holds a finished run ({final.name}); "
-                            "choose another output.dir or set output.overwrite=true")
-        if self.cfg.train.resume is None and list_checkpoints(self.ckpt_dir) and not self.cfg.output.overwrite:
-            raise UserError(f"output.dir: {self.out} holds an unfinished run; continue it with train.resume=auto, "
-                            "or start over with output.overwrite=true")
-        if self.cfg.output.overwrite and final.exists():
-            final.unlink()
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"output.dir: cannot write to {self.out} ({e.strerror}); choose a writable folder") from None
-
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -160,16 +144,9 @@ class Recipe:
         return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
 
     def _resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume is None or self.cfg.output.overwrite:
+        path = self.resume_from
+        if path is None:
             return
-        if resume == "auto":
-            found = list_checkpoints(self.ckpt_dir)
-            if not found:
-                return
-            path = found[-1]
-        else:
-            path = Path(resume)
         state = load_checkpoint(path)
         if "adapters" not in state:
             raise UserError(f"train.resume: {path} was written by an older tc-lite (no adapter state); start a new "
@@ -183,7 +160,7 @@ class Recipe:
         self.bad_steps = state["bad_steps"]
         self.started_at = state.get("started_at")
         self.step = state["step"]
-        MetricsLog.truncate(self.out / "metrics.jsonl", self.step)
+        self.run_folder.truncate_after(self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------------------------------------ loop

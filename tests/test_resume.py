@@ -151,7 +151,7 @@ def test_out_of_memory_names_the_keys_that_lower_memory_and_keeps_checkpoints(tm
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(recipe, "micro_step", oom)
+    monkeypatch.setattr(recipe.trainer, "micro_step", oom)
     with pytest.raises(UserError) as e:
         recipe.train()
     msg = str(e.value)
