@@ -59,7 +59,9 @@ class Recipe:
 
     def setup(self) -> "Recipe":
         from .memory.plan import apply_memory_plan
+        from .preflight import preflight
 
+        preflight(self.cfg)  # reward args, lora targets, data and model paths: before minutes of loading
         cfg = self.cfg = apply_memory_plan(self.cfg, log=self.log)  # memory.plan: auto picks the switches; else as is
         self.run_folder = RunFolder(self.out, cfg.output.name)  # one run per folder (see tc_lite.run_folder)
         self.resume_from = self.run_folder.prepare(overwrite=cfg.output.overwrite, resume=cfg.train.resume)
