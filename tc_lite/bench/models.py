@@ -84,7 +84,7 @@ def build_sd15_components(dtype: torch.dtype = torch.float16, device: torch.devi
     sched_cfg = _config("scheduler", "scheduler_config.json")
     scheduler = getattr(diffusers, sched_cfg.get("_class_name", ""), diffusers.DDIMScheduler).from_config(sched_cfg)
     te_cfg = {k: v for k, v in _config("text_encoder").items() if not k.startswith("_")}
-    devices = [device] if device.type == "cuda" else []
+    devices = [] if device.type != "cuda" else [torch.cuda.current_device() if device.index is None else device.index]
     modules: dict[str, nn.Module] = {}
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

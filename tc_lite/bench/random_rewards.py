@@ -8,7 +8,7 @@ in-mix backward are the built-in code:
 
 | kind | model (as `tc_lite.memory.architectures` describes it) |
 |---|---|
-| aesthetic | CLIP ViT-L/14 vision tower + projection + the v2 MLP head (vision tower shared with `clip`, as the real ones) |
+| aesthetic | CLIP ViT-L/14 vision tower + projection + the v2 MLP head (tower shared with `clip`, as the real ones) |
 | clip | CLIP ViT-L/14, both towers |
 | pickscore | CLIP ViT-H/14 (PickScore_v1's shape), logit scale from the config default |
 | hpsv2, hpsv21 | CLIP ViT-H/14 in transformers' layout (what HPSv2's OpenCLIP file converts to), pad preprocessing |
@@ -29,7 +29,7 @@ from tc_lite.memory.architectures import CLIP_ARCHITECTURES
 FACTORY = "tc_lite.bench.random_rewards:RandomReward"
 KINDS = {"aesthetic": "ViT-L/14", "clip": "ViT-L/14", "pickscore": "ViT-H/14", "hpsv2": "ViT-H/14",
          "hpsv21": "ViT-H/14"}
-_SHARE_KEY = "tc-lite-random/{arch}"  # `loading.share_vision` key: aesthetic and clip share one random ViT-L tower
+_SHARE_KEY = "tc-lite-random/{arch}/{width}"  # `loading.share_vision` key: aesthetic and clip share one tower
 
 
 def random_clip(arch: str, seed: int = 0) -> Any:
@@ -37,7 +37,7 @@ def random_clip(arch: str, seed: int = 0) -> Any:
     from transformers import CLIPConfig, CLIPModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with torch.device(device):
             model = CLIPModel(CLIPConfig(**CLIP_ARCHITECTURES[arch]))
@@ -52,7 +52,8 @@ def _shared_clip(arch: str) -> Any:
     `aesthetic` and `clip` share OpenAI's ViT-L/14 tower), else its own, registered for the next one."""
     from tc_lite.rewards.loading import share_vision
 
-    return share_vision(_SHARE_KEY.format(arch=arch), random_clip(arch))
+    width = CLIP_ARCHITECTURES[arch]["vision_config"]["hidden_size"]
+    return share_vision(_SHARE_KEY.format(arch=arch, width=width), random_clip(arch))
 
 
 def RandomReward(kind: str = "aesthetic", **ignored: Any) -> Any:  # noqa: N802 -- named like the classes it stands for

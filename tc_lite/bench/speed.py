@@ -60,8 +60,9 @@ def _bench_cfg(cfg: Any, out_dir: str) -> Any:
     return dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, prefix_cache="none"))  # (c) swaps one in
 
 
-def _step_functions(r: Any, prompts: list[str], cfg: Any) -> tuple[dict[str, Callable[[], Any]], list[str]]:
-    """(a)-(c) as functions of the set-up recipe `r`; returns them and the names of the parts of (b)."""
+def _step_functions(r: Any, prompts: list[str], cfg: Any) -> tuple[dict[str, Callable[[], Any]], list[str], str | None]:
+    """(a)-(c) as functions of the set-up recipe `r`; returns them, the names of the parts of (b), and why the
+    prefix cache of (c) could not be built (None when it was, or when the settings rule it out)."""
     from tc_lite.decode import decode
     from tc_lite.prefix_cache import build_prefix_cache
     from tc_lite.prefix_rules import prefix_cache_problems
@@ -131,22 +132,28 @@ def _step_functions(r: Any, prompts: list[str], cfg: Any) -> tuple[dict[str, Cal
              "decode fwd+bwd": part_decode, "reward fwd+bwd": part_reward, "optimizer": part_optimizer}
     fns: dict[str, Callable[[], Any]] = {"sampling": ours_sampling, "diffusers": diffusers_sampling,
                                          "step": train_step, **parts}
+    cache_error = None
     if not prefix_cache_problems(s, r.adapters):  # (c): the same step with the cache as its latent source
-        cache = build_prefix_cache(cfg, r.family, comps, r.adapters, r.encoder, r.precision, r.out)
-        cache.prefill(prompts, batch_size=B, log=lambda m: None)
+        try:
+            cache = build_prefix_cache(cfg, r.family, comps, r.adapters, r.encoder, r.precision, r.out)
+            cache.prefill(prompts, batch_size=B, log=lambda m: None)
+        except Exception as e:  # noqa: BLE001 -- (a), (b) and (d) still mean something; the report names the error
+            cache_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        else:
 
-        def cached_step() -> None:
-            fresh, trainer.latents = trainer.latents, cache
-            try:
-                train_step()
-            finally:
-                trainer.latents = fresh
+            def cached_step() -> None:
+                fresh, trainer.latents = trainer.latents, cache
+                try:
+                    train_step()
+                finally:
+                    trainer.latents = fresh
 
-        fns["cached"] = cached_step
-    return fns, list(parts)
+            fns["cached"] = cached_step
+    return fns, list(parts), cache_error
 
 
-def speed_report(cfg: Any, model: str | None = None, repeats: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
+def speed_report(cfg: Any, model: str | None = None, repeats: int = 3,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Everything `bench speed` prints, as a dict (seconds, ratios, targets)."""
     from tc_lite.bench.memory import close_recipe
     from tc_lite.bench.models import model_override
@@ -159,7 +166,7 @@ def speed_report(cfg: Any, model: str | None = None, repeats: int = 3, log: Call
         B = cfg.train.batch_size
         prompts = r.sampler.prompts[:B] if len(r.sampler.prompts) >= B else (r.sampler.prompts * B)[:B]
         try:
-            fns, part_names = _step_functions(r, prompts, cfg)
+            fns, part_names, cache_error = _step_functions(r, prompts, cfg)
             times = interleaved(fns, r.precision.device, repeats)
         finally:
             close_recipe(r)
@@ -179,7 +186,7 @@ def speed_report(cfg: Any, model: str | None = None, repeats: int = 3, log: Call
         "sampling_ratio": ratio(times["sampling"], times["diffusers"]),
         "step_s": med["step"], "parts_s": {n: med[n] for n in part_names},
         "parts_sum_s": statistics.median(parts_sum), "step_over_parts": ratio(times["step"], parts_sum),
-        "cached_step_s": med["cached"] if cached else None,
+        "cached_step_s": med["cached"] if cached else None, "cached_error": cache_error,
         "cached_ratio": ratio(times["cached"], times["step"]) if cached else None,
         "steps_per_hour": 3600 / med["step"], "cached_steps_per_hour": 3600 / med["cached"] if cached else None,
         "targets": {"sampling_ratio": 1.05, "step_over_parts": 1.10, "cached_ratio": 0.2},
@@ -225,6 +232,8 @@ def format_speed(rep: dict[str, Any]) -> str:
         lines.append(f"  (c) step with prefix cache: {rep['cached_step_s']:.3f} s = {rep['cached_ratio']:.3f}x of "
                      f"a full step (target <= 0.2 at T=50, K=1; the floor is about (K grad steps + decode + "
                      f"reward) / (T steps + the same))")
+    elif rep.get("cached_error"):
+        lines.append(f"  (c) prefix cache: FAILED to build ({rep['cached_error']})")
     else:
         lines.append("  (c) prefix cache: not applicable (needs two_encoder, ddim/euler, fixed K)")
     lines.append(f"  (d) {rep['steps_per_hour']:.0f} steps/hour" + (
