@@ -270,7 +270,8 @@ def tiny_speed_check(ctx: Context) -> dict[str, Any]:
 
     cfg = speed_config(_preset("tiny-cpu.yaml"), ["sampling.steps=4", "sampling.grad_steps=1", "train.batch_size=2"],
                        "tiny")
-    out = _speed_result(speed_report(cfg, model="tiny", repeats=1, log=lambda m: None))
+    rep = speed_report(cfg, model="tiny", repeats=1, log=lambda m: None)
+    out = _speed_result(rep)
     if not rep.get("cached_error"):
         out.pop("warning", None)  # one round on a shared CPU: ratios are noise, not a finding
     return out
