@@ -60,7 +60,8 @@ def weights_fingerprint(*modules: torch.nn.Module | None, skip: Callable[[str], 
             if skip(name) or not isinstance(t, torch.Tensor):
                 continue
             flat = t.detach().reshape(-1)
-            sample = flat[torch.linspace(0, flat.numel() - 1, 8).long()] if flat.numel() else flat
+            # float64 positions: in fp32, n - 1 rounds up to n past 2**24 values (SD1.5's largest convs)
+            sample = flat[torch.linspace(0, flat.numel() - 1, 8, dtype=torch.float64).long()] if flat.numel() else flat
             total = flat.sum(dtype=torch.float64) if t.is_floating_point() else flat.sum()
             h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}:{float(total)!r}:{sample.double().tolist()}".encode())
     return h.hexdigest()

@@ -227,3 +227,9 @@ def test_the_key_names_the_family_and_skips_trained_weights(tmp_path, setup):
             if "lora_B" in name:
                 p.add_(1.0)  # training moves the LoRA: the prefix (LoRA off) and its key do not change
     assert prefix_identity(cfg, SD1, comps, precision="fp32", device=torch.device("cpu")) == identity
+
+
+def test_fingerprint_of_a_tensor_larger_than_fp32_can_index():
+    """SD1.5's 1280x2560x3x3 UNet convs have 29,491,200 values: fp32 sample positions would round past the end."""
+    big = torch.nn.Linear(1, 2**24 + 3, bias=False)
+    assert len(weights_fingerprint(big)) == 64
