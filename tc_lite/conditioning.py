@@ -51,10 +51,6 @@ class Cond:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Cond":
         return self.map(lambda x: x.to(device=device, dtype=dtype if x.is_floating_point() else None))
 
-    def lerp_from(self, base: "Cond", weight: float) -> "Cond":
-        """`base + weight · (self − base)`: the paper's embedding interpolation (weight 1 is `self`)."""
-        return base.map(lambda b, t: b + float(weight) * (t - b), self)
-
     def __len__(self) -> int:
         return int(self.hidden.shape[0])
 

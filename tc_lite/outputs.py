@@ -23,14 +23,6 @@ class MetricsLog:
     def close(self) -> None:
         self._f.close()
 
-    @staticmethod
-    def truncate(path: Path, step: int) -> None:
-        """On resume, drop the lines of steps after the checkpoint: they will be logged again (see
-        ``tc_lite.run_folder.RunFolder.truncate_after``, which does this for every run output)."""
-        from .run_folder import truncate_jsonl
-
-        truncate_jsonl(path, step)
-
 
 class ProgressBar:
     """tqdm bar with reward, loss and (on CUDA) peak GPU memory; a no-op when disabled."""

@@ -28,6 +28,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -80,7 +81,7 @@ class PrefixCache:
                  compute_conditioning: Callable[[list[str]], tuple[Cond, Cond]], train_seed: int = 0,
                  variants: int = 1, dtype: torch.dtype = torch.float16):
         s = identity["sampling"]
-        problems = prefix_cache_problems(_Sampling(s))
+        problems = prefix_cache_problems(SimpleNamespace(**{"grad_steps_min": None, **s}))  # the identity keeps no K range
         if problems:
             raise UserError("; ".join(problems))
         self.renderer = renderer
@@ -186,13 +187,6 @@ class PrefixCache:
             for v in sorted({v for _, v in chunk}):
                 self.latents([p for p, vv in chunk if vv == v], variant=v)
         return len(todo)
-
-
-class _Sampling:
-    """Attribute access to the identity's sampling dict (for `prefix_cache_problems`)."""
-
-    def __init__(self, d: dict[str, Any]):
-        self.__dict__.update({"grad_steps_min": None, **d})
 
 
 def prefix_identity(cfg: Any, family: Any, components: Any, *, precision: str, device: torch.device,

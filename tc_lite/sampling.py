@@ -61,11 +61,6 @@ class Denoiser:
         self.autocast = autocast_for(unet, autocast)  # none for a frozen half-precision UNet: it runs natively
         self.dtype = next(unet.parameters()).dtype
 
-    def initial_latents(self, n: int, channels: int, height: int, width: int, generator: torch.Generator,
-                        device: torch.device) -> torch.Tensor:
-        shape = (n, channels, height, width)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-
     def _eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond, guidance: float,
              use_checkpoint: bool) -> torch.Tensor:
         n = latents.shape[0]

@@ -50,7 +50,7 @@ class Recipe:
         self.cfg = cfg
         self.log = log
         self.out = Path(cfg.output.dir)
-        self.ckpt_dir = self.out / "checkpoints"
+        self.run_folder = RunFolder(self.out, cfg.output.name)  # one run per folder (see tc_lite.run_folder)
         self.stop = StopRequest(log)
         self.prefix_cache = None  # set in setup() when sampling.prefix_cache is on
         self.started_at: float | None = None
@@ -63,7 +63,6 @@ class Recipe:
 
         preflight(self.cfg)  # reward args, lora targets, data and model paths: before minutes of loading
         cfg = self.cfg = apply_memory_plan(self.cfg, log=self.log)  # memory.plan: auto picks the switches; else as is
-        self.run_folder = RunFolder(self.out, cfg.output.name)  # one run per folder (see tc_lite.run_folder)
         self.resume_from = self.run_folder.prepare(overwrite=cfg.output.overwrite, resume=cfg.train.resume)
         self.precision = p = resolve_precision(cfg.memory)
         if p.device.type == "cpu" and cfg.memory.cpu_threads:
@@ -143,7 +142,7 @@ class Recipe:
         }
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.run_folder.checkpoints, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
 
     def _resume(self) -> None:
         path = self.resume_from
@@ -225,7 +224,7 @@ class Recipe:
             raise UserError(
                 f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
                 "likely causes: optim.lr too high, fp16 overflow (try memory.precision=bf16 or fp32), or a reward "
-                "returning extreme values. The last good checkpoint is kept in " + str(self.ckpt_dir))
+                "returning extreme values. The last good checkpoint is kept in " + str(self.run_folder.checkpoints))
         record = {"step": self.step, "loss": stats.loss, "reward": stats.reward,
                   **{f"reward/{k}": v for k, v in stats.parts.items()},
                   "grad_norm": norm, "skipped": not applied, "bad_steps": self.bad_steps,

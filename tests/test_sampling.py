@@ -35,7 +35,7 @@ def run(comps, cond, *, steps=4, grad_steps=2, schedule="two_encoder", checkpoin
     unc = cond.tuned([""])
     early, unc_early = (cond.base(PROMPTS), cond.base([""])) if schedule == "two_encoder" else (late, unc)
     if latents is None:
-        latents = den.initial_latents(2, 4, 8, 8, torch.Generator().manual_seed(seed), torch.device("cpu"))
+        latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
     plan = DenoisePlan(steps, grad_steps, 4.0, checkpoint)
     return den.run(latents, plan, early=early, late=late, uncond_early=unc_early, uncond_late=unc, start=start)
 
@@ -160,7 +160,7 @@ def test_frozen_half_unet_runs_natively_and_passes_gradients_to_the_lora(tiny_co
     with den.autocast():
         assert not torch.is_autocast_enabled("cpu")
     late, unc = cond.tuned(PROMPTS), cond.tuned([""])  # bf16 base, peft runs the fp32 LoRA branch
-    latents = den.initial_latents(2, 4, 8, 8, torch.Generator().manual_seed(0), torch.device("cpu"))
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     with cuda_autocast_policy():  # autocast as on CUDA, where norms would come out fp32
         out = den.run(latents, DenoisePlan(3, 1, 4.0, True), early=late, late=late, uncond_early=unc, uncond_late=unc)
     for h in hooks:

@@ -73,12 +73,6 @@ class ModelFamily:
 
     # ------------------------------------------------------------------------------------------ encoders
 
-    def slot(self, name: str) -> EncoderSlot:
-        for s in self.slots:
-            if s.name == name:
-                return s
-        raise KeyError(f"{self.label} has no text encoder {name!r}; it has {[s.name for s in self.slots]}")
-
     def encoders(self, components: Any) -> dict[str, torch.nn.Module]:
         return {s.name: s.encoder(components) for s in self.slots}
 
@@ -87,11 +81,6 @@ class ModelFamily:
         """Prompts -> UNet conditioning. `encoders` replaces some slots' encoders (a tuned copy at inference);
         `size` is the image (height, width), which families with size conditioning use."""
         raise NotImplementedError
-
-    def uncond(self, components: Any, negative_prompt: str, *,
-               encoders: Mapping[str, torch.nn.Module] | None = None, size: tuple[int, int] | None = None) -> Cond:
-        """The negative/unconditional conditioning for classifier-free guidance (SDXL zeroes an empty one)."""
-        return self.encode(components, [negative_prompt], encoders=encoders, size=size)
 
     def long_prompts(self, components: Any, prompts: Sequence[str]) -> tuple[int, list[str]]:
         """(token limit, prompts longer than it) for the first tokenizer: what is cut off without warning."""
