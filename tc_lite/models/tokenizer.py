@@ -23,6 +23,9 @@ MODEL_MAX_LENGTH = 77  # SD1 pads/truncates to 77; saving it matters (other prog
 _NUM_MERGES = 49152 - 256 - 2  # = 48,894: the merges CLIP actually uses
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _FOLDER = "clip_tokenizer_v1"  # bump if the files written below change
+# SDXL's second tokenizer (OpenCLIP ViT-bigG's) is the same BPE, but pads with "!" (id 0) instead of <|endoftext|>:
+# the padded positions differ, so its hidden states (and a LoRA trained on them) differ too.
+PAD_TOKENS = {"<|endoftext|>": _FOLDER, "!": _FOLDER + "_pad_bang"}
 
 # The SD1.5 tokenizer folder's own settings, so the written folder loads the same in any transformers version.
 _TOKENIZER_CONFIG = {
@@ -69,7 +72,7 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for c in symbols]
 
 
-def _write_tokenizer_files(folder: Path) -> None:
+def _write_tokenizer_files(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")
     merges = lines[1 : 1 + _NUM_MERGES]  # line 0 is a version header
     byte_syms = _byte_symbols()
@@ -80,20 +83,26 @@ def _write_tokenizer_files(folder: Path) -> None:
         raise RuntimeError(f"built a CLIP vocabulary of {len(vocab)} tokens, expected 49408 ({_bpe_path()})")
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2), encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(_SPECIAL_TOKENS, indent=2), encoding="utf-8")
+    config = {**_TOKENIZER_CONFIG, "pad_token": pad_token}
+    special = {**_SPECIAL_TOKENS, "pad_token": pad_token}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
 
 
-def clip_tokenizer_dir() -> Path:
-    """A folder laid out like SD1.5's `tokenizer/` (vocab.json, merges.txt, configs), written once into the cache."""
-    return atomic_dir(cache_root() / _FOLDER, _write_tokenizer_files)
+def clip_tokenizer_dir(pad_token: str = "<|endoftext|>") -> Path:
+    """A folder laid out like SD1.5's `tokenizer/` (vocab.json, merges.txt, configs), written once into the cache.
+
+    `pad_token="!"` gives SDXL's `tokenizer_2`."""
+    if pad_token not in PAD_TOKENS:
+        raise ValueError(f"pad_token {pad_token!r}: one of {list(PAD_TOKENS)}")
+    return atomic_dir(cache_root() / PAD_TOKENS[pad_token], lambda d: _write_tokenizer_files(d, pad_token))
 
 
-def clip_tokenizer() -> CLIPTokenizer:
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """SD1.x's `CLIPTokenizer` (49,408 tokens, `model_max_length=77`), with no network access.
 
     A fresh instance each call (loading takes ~40 ms), so a caller that adds tokens does not change anyone else's.
     """
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), model_max_length=MODEL_MAX_LENGTH)
+    return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir(pad_token)), model_max_length=MODEL_MAX_LENGTH)
