@@ -6,8 +6,10 @@ torchvision is deliberately not installed (it would pull a second torch). The mo
 ``torchvision.ops.misc.FrozenBatchNorm2d`` (used by ResNet towers, not by ViTs). So the reference loads those
 submodules under a stand-in package with a stand-in for that one torchvision class, then takes both stand-ins out
 of ``sys.modules`` again (a leftover stub would confuse ``importlib.util.find_spec`` elsewhere in the session).
-Only open_clip's ViT CLIP and tokenizer are used; the image transform is written out in the tests, step by step,
-from HPSv2's ``ResizeMaxSize`` and torchvision's tensor ``resize``.
+Only open_clip's ViT CLIP and tokenizer are used; the image transform is written out step by step, from HPSv2's
+``ResizeMaxSize`` and torchvision's tensor ``resize``: in the HPSv2 tests, and here as
+:func:`resize_max_size_reference`, whose bicubic resize is PIL's float resampler (:func:`pil_float_resize`), an
+implementation of the filter independent of ``F.interpolate``.
 """
 
 from __future__ import annotations
@@ -80,3 +82,36 @@ def tiny_open_clip(oc_model: Any, arch: dict[str, Any] = TINY_ARCH, seed: int = 
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * (p.shape[-1] ** -0.5))
     return model
+
+
+def pil_float_resize(x: Any, height: int, width: int) -> Any:
+    """Bicubic resize of a float ``[3,H,W]`` tensor by PIL's float ("F" mode) resampler, channel by channel.
+
+    This is the filter torchvision's tensor ``resize(..., antialias=True)`` was written to reproduce (PIL's
+    separable bicubic, a = -0.5, support widened by the downscale factor), computed by PIL's own code in float32:
+    no uint8 rounding and no clipping, as torchvision does for float tensors. So it checks the antialiased kernel
+    at large downscales (SDXL's 1024 -> 224 is ~4.6x) independently of ``F.interpolate``.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    planes = [Image.fromarray(c.numpy().astype(np.float32), mode="F") for c in x.detach().float().cpu()]
+    return torch.from_numpy(np.stack([np.asarray(p.resize((width, height), Image.BICUBIC)) for p in planes]))
+
+
+def resize_max_size_reference(x: Any, size: int = 224, fill: float = 0.0) -> Any:
+    """HPSv2's ``ResizeMaxSize(size, fill=0)`` on a ``ToTensor`` output ``[3,H,W]`` in [0,1], step by step:
+    ``scale = size / max(h, w)``; if ``scale != 1``: resize to ``(round(h*scale), round(w*scale))`` (bicubic, here
+    by :func:`pil_float_resize`), then pad ``[left=pad_w//2, top=pad_h//2, right=pad_w-pad_w//2,
+    bottom=pad_h-pad_h//2]`` with ``fill``. Returns ``[3,size,size]`` (before normalisation)."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    scale = size / float(max(h, w))
+    if scale == 1.0:
+        return x  # ResizeMaxSize skips resize and pad here (tc-lite pads; see docs/rewards.md)
+    new_h, new_w = round(h * scale), round(w * scale)
+    x = pil_float_resize(x, new_h, new_w)
+    pad_h, pad_w = size - new_h, size - new_w
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
