@@ -15,9 +15,21 @@ def _range(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict:
 @dataclass
 class ModelConfig:
     source: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, diffusers folder, .safetensors file, or "tiny"
+    family: Literal["auto", "sd1", "sdxl"] = "auto"  # auto: read from the source's configs or keys
     config_dir: str | None = None  # diffusers config folder for a single-file checkpoint (default: bundled SD1.5)
     allow_pickle: bool = False  # .ckpt/.pt files can run code when loaded; refuse unless this is true
     revision: str | None = None
+    vae: str | None = None  # a replacement VAE (hub id, diffusers VAE folder, .safetensors file): e.g. SDXL fp16-fix
+
+
+@dataclass
+class EncoderOverride:
+    """Per-encoder settings (`lora.per_encoder.te2`); null keeps the `lora`/`optim` section's value."""
+
+    mode: Literal["lora", "full"] | None = None
+    rank: int | None = field(default=None, metadata=_range(1, 1024))
+    alpha: float | None = field(default=None, metadata=_range(1e-6))
+    lr: float | None = field(default=None, metadata=_range(0.0, 1.0, exclusive_min=True))
 
 
 @dataclass
@@ -27,6 +39,8 @@ class LoraConfig:
     alpha: float = field(default=8.0, metadata=_range(1e-6))
     dropout: float = field(default=0.0, metadata=_range(0.0, 0.99))
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    encoders: list[str] | None = None  # which text encoders train (null: all; SD1 [te], SDXL [te1, te2])
+    per_encoder: dict[str, EncoderOverride] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,7 +93,9 @@ class MemoryConfig:
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     attention: Literal["sdpa", "xformers", "auto"] = "sdpa"
     checkpoint_unet: bool = True
+    checkpoint_unet_blocks: bool = False  # also checkpoint inside each UNet call, block by block (SDXL at 1024²)
     checkpoint_vae: bool = True
+    vae_precision: Literal["auto", "weights", "fp32"] = "auto"  # auto: fp32 where fp16 would overflow (SDXL's VAE)
     cpu_threads: int | None = field(default=None, metadata=_range(1, 1024))  # CPU runs: torch threads (null: default)
     plan: Literal["manual", "auto"] = "manual"  # auto: choose memory switches so the estimate fits vram_gb
     # None: the CUDA card's total memory (plan: auto only)

@@ -82,6 +82,12 @@ class ModelFamily:
         `size` is the image (height, width), which families with size conditioning use."""
         raise NotImplementedError
 
+    def uncond(self, components: Any, negative_prompt: str, *,
+               encoders: Mapping[str, torch.nn.Module] | None = None, size: tuple[int, int] | None = None) -> Cond:
+        """The unconditional (negative-prompt) conditioning for classifier-free guidance, one row. A family may
+        make it without the encoders (SDXL's zeros for an empty negative prompt)."""
+        return self.encode(components, [negative_prompt], encoders=encoders, size=size)
+
     def long_prompts(self, components: Any, prompts: Sequence[str]) -> tuple[int, list[str]]:
         """(token limit, prompts longer than it) for the first tokenizer: what is cut off without warning."""
         tok = self.slots[0].tokenizer(components)

@@ -124,16 +124,22 @@ def ldm_state_dict(components: Any) -> dict[str, torch.Tensor]:
 def checkpoint_family(keys: Iterable[str]) -> str:
     """Guess what a single-file checkpoint holds from its key names.
 
-    Returns "sd1", "sd2" (OpenCLIP text encoder), "sdxl" (two embedders), "lora" (a LoRA, not a model),
-    "no_unet" or "unknown".
+    Returns "sd1", "sd2" (OpenCLIP text encoder), "sdxl" (CLIP-L + OpenCLIP-bigG embedders), "sdxl_refiner"
+    (only the OpenCLIP embedder), "sd3" (MMDiT), "flux", "lora" (a LoRA, not a model), "no_unet" or "unknown".
     """
     keys = list(keys)
 
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
-    if has("conditioner.embedders."):
+    if has("conditioner.embedders.1.model.") or has("conditioner.embedders.0.transformer."):
         return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        return "sdxl_refiner"
+    if has(UNET_PREFIX + "joint_blocks.") or has("joint_blocks.") or has("text_encoders.clip_g."):
+        return "sd3"
+    if has(UNET_PREFIX + "double_blocks.") or has("double_blocks."):
+        return "flux"
     if has("lora_te") or has("lora_unet") or any(".lora_A." in k or ".lora_down." in k for k in keys):
         return "lora"
     if has("cond_stage_model.model."):
