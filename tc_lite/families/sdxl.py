@@ -43,7 +43,8 @@ class SDXL(ModelFamily):
         from tc_lite.models.loading import load_components
 
         comps = load_components(model_cfg.source, dtype=dtype, config_dir=model_cfg.config_dir,
-                                allow_pickle=model_cfg.allow_pickle, revision=model_cfg.revision, family=self.name)
+                                allow_pickle=model_cfg.allow_pickle, revision=model_cfg.revision,
+                                family=self.name, vae=model_cfg.vae)
         comps.family = self.name
         return comps
 

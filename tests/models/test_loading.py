@@ -124,16 +124,17 @@ def _fake_checkpoint(path: Path, keys: list[str]) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("text_key", "family"),
+    ("text_key", "message"),
     [
-        ("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight", "SDXL"),
-        ("cond_stage_model.model.token_embedding.weight", "SD2"),
+        ("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+         r"looks like an SDXL checkpoint but model\.family is sd1; set model\.family: auto"),
+        ("cond_stage_model.model.token_embedding.weight", r"looks like an SD2 model .*trains SD1\.x and SDXL"),
     ],
 )
-def test_sdxl_and_sd2_files_are_named(tmp_path, text_key, family):
+def test_sdxl_and_sd2_files_are_named(tmp_path, text_key, message):
     keys = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight", text_key]
     path = _fake_checkpoint(tmp_path / "other.safetensors", keys)
-    with pytest.raises(UserError, match=rf"{path}.* looks like an {family} .*this release supports SD1\.x"):
+    with pytest.raises(UserError, match=rf"{path}.* {message}"):
         load_components(str(path))
 
 
