@@ -79,3 +79,15 @@ class PromptEncoder:
             return self.tuned(prompts)
         with self.adapters.original():
             return self.family.encode(self.components, list(prompts), size=self.size)
+
+    def uncond_tuned(self, negative_prompt: str) -> Cond:
+        """The negative prompt's conditioning (one row) by the tuned encoders; the family may make it without them
+        (SDXL: zeros for an empty negative prompt, as diffusers does)."""
+        return self.family.uncond(self.components, negative_prompt, size=self.size)
+
+    @torch.no_grad()
+    def uncond_base(self, negative_prompt: str) -> Cond:
+        if self.adapters is None:
+            return self.uncond_tuned(negative_prompt)
+        with self.adapters.original():
+            return self.family.uncond(self.components, negative_prompt, size=self.size)

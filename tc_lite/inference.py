@@ -196,16 +196,24 @@ def encode_prompts(
     with _eval_mode(list(base.values())), contextlib.ExitStack() as stack:
         for m in base.values():
             stack.enter_context(lora_disabled(m))
-        orig = family.encode(components, [*prompts, negative_prompt], encoders=base, size=size).to(dtype=torch.float32)
+        orig = _with_negative(family, components, prompts, negative_prompt, base, size).to(dtype=torch.float32)
     device = orig.hidden.device
     out: list[Cond] = []
     for source in tuned:
         encoders = {**base, **tuned_encoders(components, source, base)}
         with _eval_mode(list(encoders.values())):
-            out.append(family.encode(components, [*prompts, negative_prompt], encoders=encoders, size=size)
+            out.append(_with_negative(family, components, prompts, negative_prompt, encoders, size)
                        .to(device, torch.float32))
         del encoders
     return PromptEmbeddings(prompts, negative_prompt, orig, out)
+
+
+def _with_negative(family: Any, components: Any, prompts: list[str], negative_prompt: str,
+                   encoders: Mapping[str, torch.nn.Module], size: tuple[int, int] | None) -> Cond:
+    """The prompts' rows, then the negative prompt's (the family's unconditional: SDXL zeros an empty one)."""
+    cond = family.encode(components, prompts, encoders=encoders, size=size)
+    uncond = family.uncond(components, negative_prompt, encoders=encoders, size=size)
+    return Cond.cat(cond, uncond.to(cond.hidden.device, cond.hidden.dtype))
 
 
 # --------------------------------------------------------------------------------------------------- sampling

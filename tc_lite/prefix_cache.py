@@ -236,6 +236,6 @@ def build_prefix_cache(cfg: Any, family: Any, components: Any, adapters: Any, en
     identity = prefix_identity(cfg, family, components, precision=precision.name, device=precision.device,
                                adapters=adapters)
     renderer = Renderer(components, RenderPlan.from_sampling(s, tuned_steps=0), precision.autocast)
-    uncond = encoder.base([s.negative_prompt])
+    uncond = encoder.uncond_base(s.negative_prompt)
     return PrefixCache(root, identity, renderer=renderer, compute_conditioning=lambda ps: (encoder.base(ps), uncond),
                        train_seed=cfg.train.seed, variants=s.prefix_variants)

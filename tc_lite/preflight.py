@@ -88,18 +88,31 @@ def _args_problems(key: str, name: str, factory: Any, builtin: bool, args: dict[
 # ------------------------------------------------------------------------------------------------------- lora
 
 
-def _lora_targets(cfg: Config) -> tuple[str, ...]:
-    """The text-encoder linears the model's family lets a LoRA target (without importing peft: seconds)."""
+def _lora_problems(cfg: Config) -> list[str]:
     from tc_lite.families import family_for
 
-    return family_for(cfg.model).lora_targets
-
-
-def _lora_problems(cfg: Config) -> list[str]:
-    if cfg.lora.mode != "lora":
-        return []
-    valid = list(_lora_targets(cfg))
+    try:
+        family = family_for(cfg.model)  # configs and key names only: no weights, no download
+    except UserError as e:
+        return [str(e)]
+    slots = [s.name for s in family.slots]
     problems = []
+    for i, name in enumerate(cfg.lora.encoders or []):
+        if name not in slots:
+            problems.append(f"lora.encoders[{i}]: '{name}' is not a text encoder of {family.label}"
+                            f"{_did_you_mean(name, slots)}; choose from {', '.join(slots)}")
+    if cfg.lora.encoders is not None and not cfg.lora.encoders:
+        problems.append(f"lora.encoders: empty, so nothing would train; list some of {', '.join(slots)} or use null")
+    for name in cfg.lora.per_encoder:
+        if name not in slots:
+            problems.append(f"lora.per_encoder.{name}: not a text encoder of {family.label}"
+                            f"{_did_you_mean(name, slots)}; choose from {', '.join(slots)}")
+    from tc_lite.adapters import encoder_settings
+
+    trained = [n for n in slots if cfg.lora.encoders is None or n in cfg.lora.encoders]
+    if all(encoder_settings(cfg.lora, n)["mode"] == "full" for n in trained):
+        return problems  # no LoRA anywhere: targets do not matter
+    valid = list(family.lora_targets)
     for i, target in enumerate(cfg.lora.targets):
         if target not in valid:
             problems.append(f"lora.targets[{i}]: '{target}' is not a text-encoder linear tc-lite adapts"
@@ -136,18 +149,25 @@ def _model_problems(cfg: Config) -> list[str]:
     source = cfg.model.source.strip()
     if not source:
         problems.append("model.source: empty; set it to 'tiny', a hub id, a diffusers folder or a .safetensors file")
-    elif source != "tiny" and not Path(source).expanduser().exists():
+    elif source not in ("tiny", "tiny-sdxl") and not Path(source).expanduser().exists():
         from tc_lite.models.loading import _looks_like_path  # hub ids (org/name) cannot be checked offline here
 
         if _looks_like_path(source):
             problems.append(f"model.source: {source!r} does not exist; check the path (it is resolved from "
                             f"{os.getcwd()})")
+    vae = (cfg.model.vae or "").strip()
+    if vae and not Path(vae).expanduser().exists():
+        from tc_lite.models.loading import _looks_like_path
+
+        if _looks_like_path(vae):
+            problems.append(f"model.vae: {vae!r} does not exist; give a hub id, a diffusers VAE folder or a "
+                            ".safetensors VAE file (or null to keep the model's)")
     if cfg.model.config_dir:
         folder = Path(cfg.model.config_dir).expanduser()
         if not folder.is_dir():
             problems.append(f"model.config_dir: {cfg.model.config_dir!r} does not exist; point it at a diffusers "
-                            "SD1.x model folder (configs suffice) or set it to null for the bundled SD1.5 configs")
+                            "model folder (configs suffice) or set it to null for the bundled SD1.5/SDXL configs")
         elif Path(source).expanduser().is_file() and not (folder / "model_index.json").is_file():  # read for single files
             problems.append(f"model.config_dir: {cfg.model.config_dir!r} is not a diffusers config folder (no "
-                            "model_index.json); point it at a diffusers SD1.x model folder or set it to null")
+                            "model_index.json); point it at a diffusers model folder or set it to null")
     return problems

@@ -64,7 +64,7 @@ class TrainStep:
         self.precision = precision
         if draw_grad_steps is not None:
             self.draw_grad_steps = draw_grad_steps  # type: ignore[method-assign]  # the estimator fixes K
-        self.uncond_base = encoder.base([self.sampling.negative_prompt])
+        self.uncond_base = encoder.uncond_base(self.sampling.negative_prompt)
 
     def draw_grad_steps(self, gen: torch.Generator) -> int:
         s = self.sampling
@@ -75,7 +75,7 @@ class TrainStep:
         """The embeddings for both phases; see the `sampling.encoder_schedule` and `sampling.uncond` docs in base.yaml."""
         s = self.sampling
         late = self.encoder.tuned(prompts)
-        uncond_late = self.uncond_base if s.uncond == "original" else self.encoder.tuned([s.negative_prompt])
+        uncond_late = self.uncond_base if s.uncond == "original" else self.encoder.uncond_tuned(s.negative_prompt)
         if s.encoder_schedule == "two_encoder":
             return dict(early=self.encoder.base(prompts), uncond_early=self.uncond_base, late=late,
                         uncond_late=uncond_late)

@@ -89,7 +89,7 @@ class Recipe:
              for label, term in cfg.rewards.terms.items() if term.weight != 0],
             device=p.device, dtype=p.weight_dtype, offload=cfg.rewards.offload)
         self.sampler = PromptSampler(prompts, cfg.train.batch_size, cfg.train.seed)
-        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.optimizer = build_optimizer(self.adapters.param_groups(), cfg.optim)
         self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
         self.trainer = TrainStep(cfg, encoder=self.encoder, denoiser=self._denoiser(), vae=comps.vae,
                                  rewards=self.rewards, latents=self._latent_source(prompts), params=self.params,
@@ -263,8 +263,9 @@ class Recipe:
         adapters in eval mode (no LoRA dropout); `tuned=False` renders the base model."""
         neg = self.cfg.sampling.negative_prompt
         with self.adapters.eval_mode():
-            encode = self.encoder.tuned if tuned else self.encoder.base
-            cond, uncond = encode(list(prompts)), encode([neg])
+            e = self.encoder
+            cond = (e.tuned if tuned else e.base)(list(prompts))
+            uncond = (e.uncond_tuned if tuned else e.uncond_base)(neg)
         return self.renderer.render(cond, uncond, seeds)
 
     def save_samples(self, step: int) -> Path:

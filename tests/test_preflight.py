@@ -104,6 +104,27 @@ def test_bad_and_duplicate_lora_targets():
     preflight(load_config(None, ["lora.mode=full", "lora.targets=[nonsense]"]))  # full fine-tune: targets unused
 
 
+def test_lora_encoders_must_be_the_family_slots():
+    found = problems("model.source=tiny-sdxl", "lora.encoders=[te1,te3]", "lora.per_encoder={tex: {rank: 4}}")
+    assert found[0].startswith("lora.encoders[1]: 'te3' is not a text encoder of SDXL") and "te1, te2" in found[0]
+    assert found[1].startswith("lora.per_encoder.tex: not a text encoder of SDXL")
+    (msg,) = problems("lora.encoders=[te2]")  # SD1 has one encoder, "te"
+    assert msg.startswith("lora.encoders[0]: 'te2' is not a text encoder of SD1.x") and "did you mean 'te'" in msg
+    preflight(load_config(None, ["model.source=tiny-sdxl", "lora.per_encoder={te2: {mode: full}}",
+                                 "lora.encoders=[te2]", "lora.targets=[nonsense]"]))  # full encoder only: no targets
+
+
+def test_refused_model_families_are_named_before_loading(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    refiner = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(1),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(refiner))
+    (msg,) = problems(f"model.source={refiner}")
+    assert "looks like the SDXL refiner" in msg and "train the SDXL base model instead" in msg
+
+
 def test_the_family_lora_targets_are_the_ones_peft_injects():
     from tc_lite.families import FAMILIES
     from tc_lite.lora import DEFAULT_TARGETS

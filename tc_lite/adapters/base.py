@@ -19,6 +19,7 @@ class Adapter:
     key: str = ""
     kind: str = ""  # "lora" or "full"
     affects_prefix: bool = False  # True when the no-grad prefix of the two-encoder schedule depends on it
+    lr: float | None = None  # its own learning rate (`lora.per_encoder.<key>.lr`); None: optim.lr
 
     def parameters(self) -> list[torch.nn.Parameter]:
         raise NotImplementedError
@@ -67,6 +68,17 @@ class AdapterSet:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for a in self.adapters for p in a.parameters()]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One optimizer parameter group per adapter, with its own `lr` where it has one (kohya's per-encoder
+        learning rates); the optimizer's default fills in the rest."""
+        groups = []
+        for a in self.adapters:
+            group: dict[str, Any] = {"params": a.parameters(), "name": a.key}
+            if a.lr is not None:
+                group["lr"] = a.lr
+            groups.append(group)
+        return groups
 
     @contextlib.contextmanager
     def original(self, only: set[str] | None = None) -> Iterator[None]:
