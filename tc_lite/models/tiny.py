@@ -82,7 +82,7 @@ _UNET = {
     "attention_head_dim": 2,  # SD1 names the head *count* so; 2 heads train ~1.5x faster on CPU than 8
     "norm_num_groups": 8,
 }
-_VAE = {
+TINY_VAE = {  # shared with the tiny SDXL
     "sample_size": TINY_RESOLUTION,
     "in_channels": 3,
     "out_channels": 3,
@@ -125,7 +125,7 @@ def tiny_spec(seed: int = 0) -> dict[str, Any]:
         "scheduler": _SCHEDULER,
         "text_encoder": _TEXT_ENCODER,
         "unet": _UNET,
-        "vae": _VAE,
+        "vae": TINY_VAE,
         "train": _TRAIN,
     }
 
@@ -159,7 +159,7 @@ def _build_random() -> SDComponents:
         tokenizer=clip_tokenizer(),
         text_encoder=CLIPTextModel(CLIPTextConfig(**_TEXT_ENCODER)),
         unet=UNet2DConditionModel(**_UNET),
-        vae=AutoencoderKL(**_VAE),
+        vae=AutoencoderKL(**TINY_VAE),
         scheduler=DDIMScheduler(**_SCHEDULER),
     )
 

@@ -1,0 +1,121 @@
+"""A tiny, deterministic SDXL-shaped pipeline: two text encoders, a UNet with SDXL's added (pooled + time) conditioning.
+
+It is the SDXL counterpart of `tc_lite.models.tiny` and learns the same synthetic task ("a {colour} {object}",
+16 px images, latents 4x8x8). What makes it SDXL-shaped, so that conditioning, LoRA targets, kohya names and the SGM
+single-file layout are exercised as on the real model:
+- `te1` a `CLIPTextModel` (quick_gelu, as CLIP ViT-L), `te2` a `CLIPTextModelWithProjection` (gelu, as OpenCLIP
+  bigG), each with >= 2 layers because SDXL conditions on the penultimate hidden states;
+- the UNet has `addition_embed_type="text_time"` (pooled te2 embedding + six size ids), linear projections, no
+  attention in the first level and two transformer blocks per attention in the second, like SDXL's [1, 2, 10];
+- the scheduler is SDXL's EulerDiscrete; the VAE does not ask for fp32 upcasting (`force_upcast` false).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tc_lite.models._cache import cache_root
+from tc_lite.models.components import SDComponents
+from tc_lite.models.tiny import TINY_COLOURS, TINY_OBJECTS, TINY_RESOLUTION, TINY_VAE
+from tc_lite.models.tokenizer import clip_tokenizer
+
+TINY_SDXL_VERSION = "tiny-sdxl-v1"  # bump when the task, architecture or recipe changes in a way the spec misses
+TINY_SDXL_SOURCE = "tiny-sdxl"
+
+# SDXL base's scheduler_config.json (EulerDiscrete, scaled_linear 0.00085-0.012, epsilon, "leading" spacing).
+_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+# Token ids as in SDXL's text encoder configs (bos 0, eos 2: transformers then pools at the highest id, <|endoftext|>).
+_CLIP_COMMON = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 2,
+                "pad_token_id": 1, "layer_norm_eps": 1e-5}
+_TEXT_ENCODER = {**_CLIP_COMMON, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "projection_dim": 32, "hidden_act": "quick_gelu"}
+_TEXT_ENCODER_2 = {**_CLIP_COMMON, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                   "num_attention_heads": 4, "projection_dim": 32, "hidden_act": "gelu"}
+_TIME_EMBED_DIM = 8
+_UNET = {
+    "sample_size": TINY_RESOLUTION // 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],  # SDXL: no attention at the first level
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2],  # the mid block takes the last entry, as in SDXL
+    "attention_head_dim": [2, 2],  # diffusers' (mis)name for the head count, as in SDXL's config
+    "cross_attention_dim": _TEXT_ENCODER["hidden_size"] + _TEXT_ENCODER_2["hidden_size"],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": _TIME_EMBED_DIM,
+    "projection_class_embeddings_input_dim": 6 * _TIME_EMBED_DIM + _TEXT_ENCODER_2["projection_dim"],
+    "norm_num_groups": 8,
+}
+_VAE = {**TINY_VAE, "force_upcast": False}
+
+
+def tiny_sdxl_spec(seed: int = 0) -> dict[str, Any]:
+    """Everything that determines the pretrained weights; its hash names the cache file."""
+    return {
+        "version": TINY_SDXL_VERSION,
+        "seed": seed,
+        "resolution": TINY_RESOLUTION,
+        "colours": dict(TINY_COLOURS),
+        "objects": list(TINY_OBJECTS),
+        "scheduler": _SCHEDULER,
+        "text_encoder": _TEXT_ENCODER,
+        "text_encoder_2": _TEXT_ENCODER_2,
+        "unet": _UNET,
+        "vae": _VAE,
+    }
+
+
+def tiny_sdxl_cache_path(seed: int = 0) -> Path:
+    digest = hashlib.sha256(json.dumps(tiny_sdxl_spec(seed), sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "tiny" / f"{TINY_SDXL_VERSION}-{digest}.safetensors"
+
+
+def build_tiny_sdxl_components(seed: int = 0, pretrain: bool = True) -> SDComponents:
+    """The tiny SDXL pipeline; with `pretrain` its images follow the prompt (trained once, then loaded from cache).
+
+    Deterministic for a given seed; leaves the caller's global RNG state untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        components = _build_random()
+    if pretrain:
+        raise NotImplementedError("tiny SDXL pretraining lands in the next commit; use pretrain=False")
+    for module in (components.text_encoder, components.text_encoder_2, components.unet, components.vae):
+        module.eval()
+    return components
+
+
+def _build_random() -> SDComponents:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    return SDComponents(
+        tokenizer=clip_tokenizer(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_TEXT_ENCODER)),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_TEXT_ENCODER_2)),
+        unet=UNet2DConditionModel(**_UNET),
+        vae=AutoencoderKL(**_VAE),
+        scheduler=EulerDiscreteScheduler(**_SCHEDULER),
+        family="sdxl",
+        source=TINY_SDXL_SOURCE,
+        extra={"force_zeros_for_empty_prompt": True},
+    )
