@@ -87,7 +87,7 @@ def run_sample(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {str(out)!r} must end in .png")
     prec = resolve_precision(MemoryConfig(device=args.device, precision=args.precision))
-    family, comps = load_model(ModelConfig(source=args.model, config_dir=args.config_dir,
+    family, comps = load_model(ModelConfig(source=args.model, config_dir=args.config_dir, vae=args.vae,
                                            allow_pickle=args.allow_pickle), prec.weight_dtype)
     for m in (*family.encoders(comps).values(), comps.unet, comps.vae):
         m.requires_grad_(False).eval().to(prec.device)
@@ -118,7 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="TextCraftor interpolation on the text embeddings: emb = orig + Σ wᵢ·(tunedᵢ − orig). w=0 is "
                     "the base model exactly, w=1 the tuned one; values between and above 1 work, and several "
                     "--lora files mix styles.")
-    p.add_argument("--model", required=True, help="base model: hub id, diffusers folder, single .safetensors, or tiny")
+    p.add_argument("--model", required=True, help="base model (SD1.x or SDXL): hub id, diffusers folder, single "
+                                                   ".safetensors, tiny or tiny-sdxl")
     p.add_argument("--lora", action="append", help="a tuned encoder: LoRA .safetensors (kohya/diffusers), peft "
                                                    "folder, or merged encoder file; repeat to mix several")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several rows")
@@ -138,6 +139,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--config-dir", help="diffusers config folder for a single-file --model (default: SD1.5's)")
+    p.add_argument("--config-dir", help="diffusers config folder for a single-file --model (default: the bundled "
+                                        "SD1.5 or SDXL base configs, by the file's keys)")
+    p.add_argument("--vae", help="replacement VAE (hub id, folder or .safetensors), e.g. "
+                                 "madebyollin/sdxl-vae-fp16-fix for SDXL in fp16")
     p.add_argument("--allow-pickle", action="store_true", help="allow a pickle (.ckpt) --model; it can run code")
     p.set_defaults(func=_run)
