@@ -229,6 +229,9 @@ class Recipe:
                   **{f"reward/{k}": v for k, v in stats.parts.items()},
                   "grad_norm": norm, "skipped": not applied, "bad_steps": self.bad_steps,
                   "lr": self.schedule.get_last_lr()[0], "grad_steps": stats.grad_steps}
+        groups = self.optimizer.param_groups
+        if len({g["lr"] for g in groups}) > 1:  # per-encoder learning rates (lora.per_encoder): log each
+            record |= {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
         if self.precision.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return record
