@@ -38,12 +38,16 @@ def snapshot(repo_id: str, patterns: list[str], *, revision: str | None = None, 
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.utils import HFValidationError
 
     offline = hub_offline()
     download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=hub_cache_dir(), local_files_only=offline,
                                       allow_patterns=patterns))
+    except HFValidationError as err:
+        raise UserError(f"{key}: {repo_id!r} is neither an existing local path nor a valid hub id (org/name); "
+                        "check the spelling.") from err
     except GatedRepoError as err:
         raise UserError(
             f"{key}: {repo_id!r} is gated. Accept its licence on huggingface.co, then run `hf auth login`."
