@@ -109,7 +109,7 @@ def load_components(
     if vae:
         from tc_lite.models.vae import load_vae
 
-        components.vae = load_vae(vae, dtype, family=family, revision=None)
+        components.vae = load_vae(vae, dtype, family=family, like=components.vae.config)
     return components
 
 

@@ -4,12 +4,14 @@ Why it matters: SDXL's VAE overflows in fp16 (diffusers marks it `force_upcast`)
 decode, the largest activation of a step at 1024², would have to run in fp32. madebyollin/sdxl-vae-fp16-fix is the
 same decoder rescaled to stay finite in fp16 (its config says `force_upcast: false`), and saves that.
 Accepted: a hub id, a diffusers VAE folder (or a pipeline folder with `vae/`), or a `.safetensors` VAE in
-diffusers or original (LDM) key names, read with the family's bundled VAE config.
+diffusers or original (LDM) key names, read with the model's own VAE architecture. A single file carries no config:
+an fp16-fix file then keeps the model's `force_upcast` (set `memory.vae_precision: weights` to decode it in fp16).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,13 +21,16 @@ _PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "vae/config.j
              "vae/diffusion_pytorch_model.safetensors"]
 
 
-def load_vae(source: str, dtype: torch.dtype, *, family: str = "sd1", revision: str | None = None) -> torch.nn.Module:
+def load_vae(source: str, dtype: torch.dtype, *, family: str = "sd1", revision: str | None = None,
+             like: Any = None) -> torch.nn.Module:
+    """The VAE `source` names. A single file takes the architecture of `like` (the model's own VAE config),
+    else the family's bundled one."""
     source = str(source).strip()
     path = Path(source).expanduser()
     if path.is_dir():
         return _from_folder(path, dtype, source)
     if path.is_file():
-        return _from_file(path, dtype, family)
+        return _from_file(path, dtype, family, like)
     from tc_lite.models.loading import _looks_like_path
 
     if _looks_like_path(source):
@@ -48,7 +53,7 @@ def _from_folder(folder: Path, dtype: torch.dtype, label: str) -> torch.nn.Modul
         raise UserError(f"model.vae: {label} could not be loaded as a diffusers VAE: {err}") from err
 
 
-def _from_file(path: Path, dtype: torch.dtype, family: str) -> torch.nn.Module:
+def _from_file(path: Path, dtype: torch.dtype, family: str, like: Any) -> torch.nn.Module:
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
@@ -57,7 +62,7 @@ def _from_file(path: Path, dtype: torch.dtype, family: str) -> torch.nn.Module:
 
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"model.vae: {path} is not a .safetensors file (pickled VAEs are not loaded).")
-    config = AutoencoderKL.load_config(str(bundled_config_dir(family) / "vae"))
+    config = like if like is not None else AutoencoderKL.load_config(str(bundled_config_dir(family) / "vae"))
     vae = AutoencoderKL.from_config(config)
     state = {k.removeprefix(VAE_PREFIX): v for k, v in load_file(str(path)).items()}
     own = vae.state_dict()

@@ -154,6 +154,8 @@ def test_model_vae_replaces_the_vae(tiny_xl, xl_folder, tmp_path):
     assert torch.equal(c.vae.decoder.conv_out.weight, other.decoder.conv_out.weight)
     ldm = {"first_stage_model." + vae_key(k, other.config): v for k, v in other.state_dict().items()}
     save_file(ldm, str(tmp_path / "vae.safetensors"))
+    _, c = load_model(ModelConfig(source=str(xl_folder), vae=str(tmp_path / "vae.safetensors")), torch.float32)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in c.vae.state_dict().items())
     with pytest.raises(UserError, match="not a SDXL VAE"):
         load_vae(str(tmp_path / "vae.safetensors"), torch.float32, family="sdxl")  # bundled config: real SDXL size
     with pytest.raises(UserError, match="model.vae: './nope' does not exist"):
