@@ -84,7 +84,7 @@ class TrainStep:
     def generate_latents(self, prompts: list[str], gen: torch.Generator, grad_steps: int) -> torch.Tensor:
         s = self.sampling
         latents, start = self.latents.starting_latents(prompts, gen, grad_steps)
-        plan = DenoisePlan(s.steps, grad_steps, s.guidance_scale, self.memory.checkpoint_unet, s.eta)
+        plan = DenoisePlan(s.steps, grad_steps, s.guidance_scale, self.memory.checkpoint_unet, s.eta, self.memory.checkpoint_unet_blocks)
         return self.denoiser.run(latents, plan, generator=gen, start=start, **self.conditioning(prompts))
 
     def micro_step(self, prompts: list[str], gen: torch.Generator, stats: StepStats) -> None:

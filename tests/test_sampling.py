@@ -29,14 +29,15 @@ def setup(tiny_components):
     return comps, te, cond
 
 
-def run(comps, cond, *, steps=4, grad_steps=2, schedule="two_encoder", checkpoint=True, scheduler="ddim", seed=0, start=0, latents=None):
+def run(comps, cond, *, steps=4, grad_steps=2, schedule="two_encoder", checkpoint=True, scheduler="ddim", seed=0, start=0,
+        latents=None, blocks=False):
     den = Denoiser(comps.unet, make_scheduler(scheduler, comps.scheduler))
     late = cond.tuned(PROMPTS)
     unc = cond.tuned([""])
     early, unc_early = (cond.base(PROMPTS), cond.base([""])) if schedule == "two_encoder" else (late, unc)
     if latents is None:
         latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
-    plan = DenoisePlan(steps, grad_steps, 4.0, checkpoint)
+    plan = DenoisePlan(steps, grad_steps, 4.0, checkpoint, checkpoint_blocks=blocks)
     return den.run(latents, plan, early=early, late=late, uncond_early=unc_early, uncond_late=unc, start=start)
 
 
@@ -121,6 +122,48 @@ def test_checkpointed_and_plain_steps_give_the_same_gradients(setup, scheduler):
     g_ckpt = grads(te, run(comps, cond, steps=4, grad_steps=3, checkpoint=True, scheduler=scheduler))
     assert torch.isfinite(g_plain).all() and g_plain.abs().sum() > 0
     torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_block_checkpointing_gives_the_same_loss_and_gradients(setup, checkpoint):
+    """memory.checkpoint_unet_blocks changes what is kept for backward, never what is computed."""
+    comps, te, cond = setup
+    outs, gs = [], []
+    for blocks in (False, True):
+        out = run(comps, cond, steps=4, grad_steps=2, checkpoint=checkpoint, blocks=blocks)
+        outs.append((out ** 2).mean().detach())
+        gs.append(grads(te, out))
+    assert gs[0].abs().sum() > 0
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(gs[1], gs[0], rtol=1e-6, atol=1e-9)
+
+
+def test_block_checkpointing_recomputes_every_block_once_more_and_only_in_grad_steps(setup):
+    """Counting a UNet block's forward calls: a checkpointed grad call runs each block twice (forward, the call's
+    recompute), with block checkpointing three times (+ the block's own recompute inside the call's backward);
+    the no-grad steps once either way. The switch is scoped to the grad calls: the UNet is left as it was."""
+    comps, te, cond = setup
+    # blocks diffusers checkpoints whose input depends on the prompt in every grad call (the first down ResNet sees
+    # only the latent, which needs no gradient in the first grad call; the mid block's first ResNet is never
+    # checkpointed by diffusers)
+    unet = comps.unet
+    blocks = [unet.down_blocks[0].attentions[0].transformer_blocks[0], unet.mid_block.resnets[1],
+              unet.up_blocks[-1].resnets[-1]]
+    calls: list[int] = [0] * len(blocks)
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, b in enumerate(blocks)]
+    try:
+        counts = {}
+        for flag in (False, True):
+            calls[:] = [0] * len(blocks)
+            grads(te, run(comps, cond, steps=5, grad_steps=2, checkpoint=True, blocks=flag))
+            counts[flag] = list(calls)
+            assert not comps.unet.is_gradient_checkpointing
+    finally:
+        for h in hooks:
+            h.remove()
+    assert counts[False] == [3 + 2 * 2] * len(blocks)  # 3 no-grad calls + (forward, recompute) x 2 grad calls
+    assert counts[True] == [3 + 2 * 3] * len(blocks)  # + each block's own recompute in the 2 grad calls
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++"])
