@@ -38,18 +38,44 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def autocast_for(module: torch.nn.Module, autocast: Callable[[], ContextManager]) -> Callable[[], ContextManager]:
-    """The autocast one call of `module` needs: none when all its weights are frozen and in one half dtype.
+    """The autocast one call of `module` needs: none when all its weights are frozen and of one floating dtype.
 
-    Such a model (the frozen UNet and VAE) runs natively in its weight dtype, as diffusers' pipelines run it.
-    Under CUDA autocast its GroupNorm/LayerNorm outputs would be fp32, and the checkpointed grad steps and VAE
-    backward keep them: +1.1 GiB at SD1.5 512² batch 1, +4.5 GiB at batch 4 (benchmarks/RESULTS.md). A model
-    with trainable weights (a future UNet LoRA, fp32 on a half base) keeps `autocast`.
+    Such a model runs natively in its weight dtype, as diffusers' pipelines run it: the frozen half-precision UNet
+    and VAE (under CUDA autocast their GroupNorm/LayerNorm outputs would be fp32, and the checkpointed grad steps
+    and VAE backward keep them: +1.1 GiB at SD1.5 512² batch 1, +4.5 GiB at batch 4, benchmarks/RESULTS.md), and a
+    VAE kept in fp32 by `memory.vae_precision` (autocast would run its convolutions in fp16 again, and overflow).
+    A model with trainable weights (a future UNet LoRA, fp32 on a half base) keeps `autocast`.
     """
     params = list(module.parameters())
     dtypes = {p.dtype for p in params}
-    if len(dtypes) == 1 and next(iter(dtypes)) in HALF and not any(p.requires_grad for p in params):
+    if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point and not any(p.requires_grad for p in params):
         return contextlib.nullcontext
     return autocast
+
+
+def _states_force_upcast(vae: torch.nn.Module) -> bool:
+    """Whether the VAE's config itself says `force_upcast: true`. diffusers defaults the key to true, so a config
+    written before the key existed (SD1.5's) reads true without saying so; diffusers' SD1 pipeline never upcasts."""
+    config = getattr(vae, "config", None) or {}
+    defaulted = config.get("_use_default_values", ()) if hasattr(config, "get") else ()
+    return bool(getattr(config, "force_upcast", False)) and "force_upcast" not in defaulted
+
+
+def vae_dtype(memory_cfg: MemoryConfig, vae: torch.nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE is kept and decodes in (`memory.vae_precision`, documented in base.yaml).
+
+    auto: fp32 when the weights are fp16 and the VAE's config states `force_upcast` (SDXL's VAE overflows in fp16:
+    NaN images), as `StableDiffusionXLPipeline` does; bf16 has fp32's range and never needs it. An fp16-safe VAE
+    (madebyollin/sdxl-vae-fp16-fix, `force_upcast: false`) stays fp16. weights: never upcast. fp32: always.
+    Cost of fp32: the VAE's weights twice (SDXL: +0.16 GiB) and its decode activations twice."""
+    choice = memory_cfg.vae_precision
+    if choice == "fp32":
+        return torch.float32
+    if choice == "weights":
+        return weight_dtype
+    if choice != "auto":
+        raise ValueError(f"memory.vae_precision: unknown value {choice!r}")
+    return torch.float32 if weight_dtype == torch.float16 and _states_force_upcast(vae) else weight_dtype
 
 
 def resolve_device(choice: str) -> torch.device:

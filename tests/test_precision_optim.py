@@ -64,3 +64,70 @@ def test_warmup_then_schedule(schedule, expected):
         opt.step()
         sched.step()
     assert lrs == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------------------------- the VAE's dtype
+
+
+def _vae(**config):
+    from diffusers import AutoencoderKL
+
+    from tc_lite.models.tiny import TINY_VAE
+
+    return AutoencoderKL.from_config({**TINY_VAE, **config}).requires_grad_(False)
+
+
+@pytest.mark.parametrize("choice,weights,expected", [
+    ("auto", torch.float16, torch.float32),  # SDXL's VAE on an fp16-only card: upcast, as the SDXL pipeline does
+    ("auto", torch.bfloat16, torch.bfloat16),  # bf16 has fp32's range: never upcast
+    ("auto", torch.float32, torch.float32),
+    ("weights", torch.float16, torch.float16), ("weights", torch.bfloat16, torch.bfloat16),
+    ("fp32", torch.float16, torch.float32), ("fp32", torch.bfloat16, torch.float32),
+])
+def test_vae_dtype_of_a_vae_that_says_force_upcast(choice, weights, expected):
+    from tc_lite.precision import vae_dtype
+
+    assert vae_dtype(MemoryConfig(vae_precision=choice), _vae(force_upcast=True), weights) == expected
+
+
+def test_vae_dtype_auto_keeps_fp16_for_an_fp16_safe_vae_and_for_sd15s_config():
+    """madebyollin/sdxl-vae-fp16-fix states force_upcast: false; SD1.5's config predates the key (diffusers then
+    defaults it to true, but its SD1 pipeline never upcasts): both decode in fp16."""
+    from diffusers import AutoencoderKL
+
+    from tc_lite.models.loading import bundled_config_dir
+    from tc_lite.precision import vae_dtype
+
+    auto = MemoryConfig(vae_precision="auto")
+    assert vae_dtype(auto, _vae(force_upcast=False), torch.float16) == torch.float16
+    with torch.device("meta"):
+        sd15 = AutoencoderKL.from_config(AutoencoderKL.load_config(str(bundled_config_dir("sd1") / "vae")))
+        sdxl = AutoencoderKL.from_config(AutoencoderKL.load_config(str(bundled_config_dir("sdxl") / "vae")))
+    assert sd15.config.force_upcast  # diffusers' default...
+    assert vae_dtype(auto, sd15, torch.float16) == torch.float16  # ...which the SD1 pipeline ignores, as we do
+    assert vae_dtype(auto, sdxl, torch.float16) == torch.float32
+
+
+def test_a_frozen_fp32_vae_decodes_in_fp32_under_half_autocast():
+    """The run's autocast (CPU bf16 standing in for CUDA fp16) must not cast a frozen fp32 VAE's convolutions back
+    down: the decoder's conv outputs stay fp32, and the image keeps its gradient."""
+    from tc_lite.decode import decode
+    from tc_lite.precision import autocast_for
+
+    vae = _vae(force_upcast=True)
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+             for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    half = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    latents = torch.randn(1, 4, 8, 8, requires_grad=True)
+    images = decode(vae, latents, half)
+    assert seen == {torch.float32}
+    images.mean().backward()
+    assert latents.grad is not None and torch.isfinite(latents.grad).all()
+    # the rule's edges: a bf16 frozen VAE runs natively too; a module with a trainable weight keeps the autocast
+    seen.clear()
+    decode(vae.to(torch.bfloat16), latents.detach(), half)
+    assert seen == {torch.bfloat16}
+    lin = torch.nn.Linear(2, 2)
+    assert autocast_for(lin, half) is half
+    assert autocast_for(lin.requires_grad_(False), half) is not half
