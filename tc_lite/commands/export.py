@@ -1,145 +1,28 @@
 """`python -m tc_lite export RUN_DIR --format kohya|peft|diffusers|merged`: re-export a run in another format.
 
-The source is the run's finished output (`<name>.safetensors`, or `<name>_text_encoder.safetensors` for a full
-fine-tune), a checkpoint given with `--checkpoint`, or, for an unfinished run, its newest checkpoint. The base model
-comes from the run's `config.yaml`; it is loaded only when needed (merged exports, checkpoints, SVD extraction).
+The source is the run's finished output (`<name>.safetensors` for LoRAs, `<name>_text_encoder.safetensors` and, for
+SDXL's te2, `<name>_text_encoder_2.safetensors` for encoders trained in full), a checkpoint given with
+`--checkpoint`, or, for an unfinished run, its newest checkpoint (`tc_lite.export.run_weights`). Every format covers
+every encoder slot the run trained (SDXL: te1 and/or te2).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tc_lite.errors import UserError
 
-if TYPE_CHECKING:  # torch is imported inside the functions, so `python -m tc_lite --help` stays fast
+if TYPE_CHECKING:  # torch (and tc_lite.export, which imports it) inside the functions: `--help` stays fast
     import torch
+
+    from tc_lite.export.run_weights import RunWeights
 
 FORMATS = ("kohya", "peft", "diffusers", "merged")
 _DEFAULT_PRECISION = {"kohya": "fp16", "peft": "fp16", "diffusers": "fp16", "merged": "fp32"}
 _LOSSY_UPDATE = 0.01  # warn when half precision loses more than 1% of a merged encoder's weight change
-
-
-@dataclass
-class RunWeights:
-    """What a run produced, read from its final file or a checkpoint."""
-
-    run_dir: Path
-    cfg: Any  # tc_lite.config.Config
-    kind: str  # "lora" (kohya state dict) or "encoder" (canonical encoder state dict)
-    weights: dict[str, torch.Tensor]
-    label: str  # the file it came from, for messages and metadata
-    step: int | None  # training step, when known
-    from_checkpoint: bool = False
-    file_metadata: dict[str, str] = field(default_factory=dict)
-    _base: Any = None  # (family, components) of the base model, loaded on first use
-
-    def base_model(self) -> tuple[Any, Any]:
-        """The run's base model (fp32, CPU) through its family, loaded from `model.source` in config.yaml."""
-        if self._base is None:
-            import torch
-
-            from tc_lite.families import load_model
-            from tc_lite.models import freeze_and_cast
-
-            family, comps = load_model(self.cfg.model, torch.float32)
-            freeze_and_cast(comps, torch.float32)
-            self._base = family, comps
-        return self._base
-
-    def base_model_version(self) -> str:
-        from tc_lite.families import family_for
-
-        return family_for(self.cfg.model).kohya_base_model_version
-
-    def base_encoder(self) -> torch.nn.Module:
-        """The base text encoder the merged/peft/diffusers formats are written for (the family's first slot)."""
-        family, comps = self.base_model()
-        return family.slots[0].encoder(comps).eval()
-
-
-def _final_file(run_dir: Path, cfg: Any) -> Path:
-    suffix = "_text_encoder" if cfg.lora.mode == "full" else ""
-    return run_dir / f"{cfg.output.name}{suffix}.safetensors"
-
-
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
-             log: Callable[[str], None] = print) -> RunWeights:
-    """Read a run folder: its config and the weights of its final output or of a checkpoint."""
-    from tc_lite.checkpoint import list_checkpoints
-    from tc_lite.config import load_config
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"run folder {str(run)!r} does not exist; pass the output.dir of a training run")
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{str(run)!r} has no config.yaml, so it is not a tc-lite run folder; pass the output.dir "
-                        "of a training run (it needs config.yaml to know the base model)")
-    cfg = load_config(run / "config.yaml")
-    if checkpoint is None:
-        final = _final_file(run, cfg)
-        if final.is_file():
-            from tc_lite.export import read_kohya, read_tuned
-
-            kind, weights = read_tuned(final)
-            meta = read_kohya(final)[1]
-            step = int(meta["ss_steps"]) if meta.get("ss_steps", "").isdigit() else None
-            return RunWeights(run, cfg, kind, weights, str(final), step, file_metadata=meta)
-        found = list_checkpoints(run / "checkpoints")
-        if not found:
-            raise UserError(f"{str(run)!r} holds neither {final.name} nor checkpoints/step_*.pt; train first, or "
-                            "pass --checkpoint FILE")
-        checkpoint = found[-1]
-        log(f"{run} is not finished; exporting its newest checkpoint {Path(checkpoint).name}")
-    return _from_checkpoint(run, cfg, Path(checkpoint))
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
-
-    if not path.is_file():
-        raise UserError(f"--checkpoint {str(path)!r} does not exist; pass a RUN_DIR/checkpoints/step_NNNNNN.pt file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (pickle/zip errors of a foreign or truncated file)
-        raise UserError(f"--checkpoint {str(path)!r} is not a readable tc-lite checkpoint ({type(e).__name__}: {e}); "
-                        "pass a RUN_DIR/checkpoints/step_NNNNNN.pt file") from None
-    if not isinstance(state, dict) or not isinstance(state.get("adapters"), dict):
-        raise UserError(f"--checkpoint {str(path)!r} has no adapter weights; it was not written by tc-lite training "
-                        "(or by a tc-lite older than its model-family layout)")
-    return state
-
-
-def _from_checkpoint(run: Path, cfg: Any, path: Path) -> RunWeights:
-    """The checkpoint's adapter state, applied to the run's adapters on a fresh copy of the base model."""
-    import copy
-
-    from tc_lite.adapters import build_adapters
-    from tc_lite.export import encoder_state_dict
-
-    state = _read_checkpoint(path)
-    rw = RunWeights(run, cfg, "lora", {}, str(path), int(state.get("step", 0)) or None, from_checkpoint=True)
-    family, base = rw.base_model()
-    comps = copy.copy(base)
-    for slot in family.slots:  # adapters change the encoders in place: give them copies
-        slot.set_encoder(comps, copy.deepcopy(slot.encoder(base)))
-    adapters = build_adapters(cfg.lora, family, comps)
-    try:
-        adapters.load_state_dict(state["adapters"], str(path))
-    except (UserError, RuntimeError) as e:
-        raise UserError(
-            f"--checkpoint {str(path)!r} does not fit the run in {str(run)!r} (lora.mode={cfg.lora.mode}, "
-            f"rank {cfg.lora.rank}, base {cfg.model.source}): {str(e).splitlines()[0]} It comes from another run or "
-            "base model; pass a checkpoint of this run, or the RUN_DIR it belongs to") from None
-    if adapters.kinds == {"lora"}:
-        rw.weights = {k: v for a in adapters for k, v in a.kohya_tensors().items()}
-    else:
-        rw.kind, rw.weights = "encoder", encoder_state_dict(adapters.adapters[0].module())
-    return rw
 
 
 def _default_out(rw: RunWeights, fmt: str, rank: int | None) -> Path:
@@ -154,55 +37,77 @@ def _default_out(rw: RunWeights, fmt: str, rank: int | None) -> Path:
 def export_run(run_dir: str | Path, fmt: str, *, out: str | Path | None = None, save_precision: str | None = None,
                checkpoint: str | Path | None = None, rank: int | None = None,
                log: Callable[[str], None] = print) -> Path:
-    """Export a run (or one of its checkpoints) as `fmt`; returns the written file or folder."""
+    """Export a run (or one of its checkpoints) as `fmt`; returns the written file or folder (merged SDXL: the
+    first encoder's file; the second sits beside it, see `tc_lite.export.encoder.encoder_path`)."""
     from tc_lite.export import save_dtype_of
+    from tc_lite.export.run_weights import load_run
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     dtype = save_dtype_of(save_precision or _DEFAULT_PRECISION[fmt])
     rw = load_run(run_dir, checkpoint, log)
-    if rank is not None and rw.kind == "lora":
+    if rank is not None and not rw.encoders:
         raise UserError("--rank extracts a LoRA from a full fine-tune (lora.mode: full); this run trained a LoRA "
                         f"of rank {rw.cfg.lora.rank} already: drop --rank")
     dest = Path(out) if out is not None else _default_out(rw, fmt, rank)
     if fmt == "merged":
         return _export_merged(rw, dest, dtype, log)
-    lora, extra = rw.weights, {}
-    if rw.kind == "encoder":
+    lora, extra = dict(rw.lora), {}
+    if rw.encoders:
         if rank is None:
             raise UserError(f"{rw.label} is a full fine-tuned text encoder: export it with --format merged, or as "
                             f"a LoRA with --format {fmt} --rank R (extracted by SVD, error reported)")
-        from tc_lite.export import encoder_state_dict, extract_lora
-
-        lora, report = extract_lora(encoder_state_dict(rw.base_encoder()), rw.weights, rank)
-        log(f"SVD extraction, {report}")
-        extra = {"tc_lite_svd_rel_error": f"{report.rel_error:.6g}",
-                 "tc_lite_svd_untargeted_change": f"{report.untargeted_change:.6g}"}
+        extracted, extra = _extract(rw, rank, log)
+        lora.update(extracted)
     return _export_lora(rw, lora, fmt, dest, dtype, extra, log)
 
 
-def _export_lora(rw: RunWeights, lora: dict[str, torch.Tensor], fmt: str, dest: Path, dtype: torch.dtype,
-                 extra: dict[str, str], log: Callable[[str], None]) -> Path:
-    from tc_lite.export import (
-        export_diffusers,
-        export_peft,
-        kohya_metadata,
-        lora_groups,
-        write_kohya,
-    )
+def _extract(rw: RunWeights, rank: int, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict]:
+    """One kohya LoRA (each encoder under its prefix) from the fully trained encoders, the error per encoder."""
+    from tc_lite.export import encoder_state_dict, extract_lora
 
-    groups = lora_groups(lora, rw.label)
-    rank, alpha = int(groups[0][1].shape[0]), groups[0][3]
-    what = f"{len(groups)} modules, rank {rank}, alpha {alpha:g}, {str(dtype).removeprefix('torch.')}"
+    family, base = rw.family(), rw.base_encoders()
+    lora: dict[str, torch.Tensor] = {}
+    reports = {}
+    for slot in family.slots:
+        if slot.name in rw.encoders:
+            part, reports[slot.name] = extract_lora(encoder_state_dict(base[slot.name]), rw.encoders[slot.name],
+                                                    rank, prefix=slot.kohya_prefix)
+            lora.update(part)
+            log(f"SVD extraction{f' of {slot.name}' if len(family.slots) > 1 else ''}, {reports[slot.name]}")
+    extra = {"tc_lite_svd_rel_error": f"{max(r.rel_error for r in reports.values()):.6g}",
+             "tc_lite_svd_untargeted_change": f"{max(r.untargeted_change for r in reports.values()):.6g}",
+             "tc_lite_svd": {k: {"rank": r.rank, "rel_error": r.rel_error, "worst_module": r.worst_module,
+                                 "worst_error": r.worst_error, "untargeted_change": r.untargeted_change}
+                             for k, r in reports.items()}}
+    return lora, extra
+
+
+def _describe(lora: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
+    from tc_lite.export.kohya import kohya_dims
+    from tc_lite.export.slots import split_lora
+
+    parts = []
+    for fmt, part in split_lora(lora).items():
+        rank, alpha = kohya_dims(part)
+        parts.append(f"{fmt.slot}: {sum(k.endswith('.alpha') for k in part)} modules, rank {rank}, alpha {alpha}")
+    return f"{'; '.join(parts)}; {str(dtype).removeprefix('torch.')}"
+
+
+def _export_lora(rw: RunWeights, lora: dict[str, torch.Tensor], fmt: str, dest: Path, dtype: torch.dtype,
+                 extra: dict, log: Callable[[str], None]) -> Path:
+    from tc_lite.export import export_diffusers, export_peft, write_kohya
+    from tc_lite.export.slots import split_lora
+    from tc_lite.export.trained import run_lora_metadata
+
+    what = _describe(lora, dtype)
     if fmt == "kohya":
-        cfg, meta = rw.cfg, rw.file_metadata
-        metadata = kohya_metadata(
-            output_name=dest.stem, rank=rank, alpha=alpha, lr=cfg.optim.lr, seed=cfg.train.seed,
-            steps=rw.step or 0, mixed_precision=meta.get("ss_mixed_precision", cfg.memory.precision),
-            optimizer=cfg.optim.name, base_model=cfg.model.source,
-            base_model_version=meta.get("ss_base_model_version", rw.base_model_version()),
-            resolution=(cfg.sampling.width, cfg.sampling.height),
-            extra={"tc_lite_config": json.dumps(cfg.to_dict()), "tc_lite_source": Path(rw.label).name, **extra})
+        meta = rw.file_metadata
+        metadata = run_lora_metadata(
+            rw.cfg, lora, output_name=dest.stem, steps=rw.step or 0,
+            precision=meta.get("ss_mixed_precision", rw.cfg.memory.precision),
+            base_model_version=meta.get("ss_base_model_version", rw.family().kohya_base_model_version),
+            extra={"tc_lite_source": Path(rw.label).name, **extra})
         path = write_kohya(lora, dest, metadata=metadata, save_dtype=dtype)
         log(f"wrote kohya LoRA ({what}) to {path}\n  A1111: copy to models/Lora, prompt <lora:{dest.stem}:1>; "
             "ComfyUI: models/loras, LoraLoader (strength_clip)")
@@ -211,7 +116,10 @@ def _export_lora(rw: RunWeights, lora: dict[str, torch.Tensor], fmt: str, dest: 
             raise UserError(f"--out {str(dest)!r}: a peft adapter is a folder (adapter_config.json + weights); "
                             "give a folder path")
         path = export_peft(lora, dest, save_dtype=dtype, base_model=rw.cfg.model.source, source=rw.label)
-        log(f"wrote peft adapter ({what}) to {path}/\n  PeftModel.from_pretrained(text_encoder, '{path}')")
+        several = len(rw.family().slots) > 1
+        hints = [f"PeftModel.from_pretrained(pipe.{f.component}, '{path / f.component if several else path}')"
+                 for f in split_lora(lora)]
+        log(f"wrote peft adapter ({what}) to {path}/\n  " + "\n  ".join(hints))
     else:
         path = export_diffusers(lora, dest, save_dtype=dtype, source=rw.label)
         log(f"wrote diffusers LoRA ({what}) to {path}\n  pipe.load_lora_weights('{path.parent}')")
@@ -219,32 +127,48 @@ def _export_lora(rw: RunWeights, lora: dict[str, torch.Tensor], fmt: str, dest: 
 
 
 def _export_merged(rw: RunWeights, dest: Path, dtype: torch.dtype, log: Callable[[str], None]) -> Path:
+    """Every encoder of the family, merged: a LoRA slot as W + (alpha/r)·up@down, a fully trained slot as trained,
+    an untrained slot as the base (so SDXL always gets the pair ComfyUI's DualCLIPLoader and diffusers take)."""
     from tc_lite.export import (
+        encoder_path,
         encoder_state_dict,
         export_encoder,
         load_encoder_weights,
         merge_lora,
         update_retention,
     )
+    from tc_lite.export.slots import split_lora
     from tc_lite.inference import plain_copy
 
-    base_te = rw.base_encoder()
-    base = encoder_state_dict(base_te)
-    if rw.kind == "lora":
-        tuned = merge_lora(base, rw.weights, source=rw.label)
-    else:
-        load_encoder_weights(plain_copy(base_te), rw.weights, source=rw.label)  # same architecture as the base?
-        tuned = rw.weights
-    lost = update_retention(tuned, base, dtype)
-    name = str(dtype).removeprefix("torch.")
-    if lost > _LOSSY_UPDATE:
-        log(f"warning: storing the encoder in {name} loses {lost:.1%} of the fine-tuning's weight change "
-            "(it is smaller than that precision's resolution); use --save-precision fp32")
-    path = export_encoder(tuned, dest, save_dtype=dtype, config=base_te.config,
-                          metadata={"tc_lite_source": Path(rw.label).name, "tc_lite_base_model": rw.cfg.model.source})
-    log(f"wrote merged text encoder ({len(tuned)} tensors, {name}; {lost:.2%} of the weight change lost to "
-        f"rounding) to {path}")
-    return path
+    family = rw.family()
+    by_prefix = {f.prefix: part for f, part in split_lora(rw.lora, rw.label).items()} if rw.lora else {}
+    foreign = sorted(set(by_prefix) - {s.kohya_prefix for s in family.slots})
+    if foreign:
+        raise UserError(f"{rw.label}: holds {', '.join(foreign)} modules, which {family.label} (the run's "
+                        f"model.source) has no encoder for; it comes from another base model")
+    written = []
+    for slot, base_te in zip(family.slots, rw.base_encoders().values()):
+        base = encoder_state_dict(base_te)
+        if slot.name in rw.encoders:
+            load_encoder_weights(plain_copy(base_te), rw.encoders[slot.name], source=rw.label)  # same architecture?
+            tuned, how = rw.encoders[slot.name], "fully trained"
+        elif slot.kohya_prefix in by_prefix:
+            tuned, how = merge_lora(base, by_prefix[slot.kohya_prefix], source=rw.label), "LoRA merged"
+        else:
+            tuned, how = base, "not trained: a copy of the base"
+        lost = update_retention(tuned, base, dtype)
+        name = str(dtype).removeprefix("torch.")
+        if lost > _LOSSY_UPDATE:
+            log(f"warning: storing {slot.name} in {name} loses {lost:.1%} of the fine-tuning's weight change "
+                "(it is smaller than that precision's resolution); use --save-precision fp32")
+        path = export_encoder(tuned, encoder_path(dest, slot.encoder_attr, len(family.slots) > 1), save_dtype=dtype,
+                              config=base_te.config, architecture=type(base_te).__name__, component=slot.encoder_attr,
+                              metadata={"tc_lite_source": Path(rw.label).name, "tc_lite_base_model": rw.cfg.model.source,
+                                        "tc_lite_slot": slot.name})
+        log(f"wrote merged text encoder {slot.name} ({how}; {len(tuned)} tensors, {name}; {lost:.2%} of the weight "
+            f"change lost to rounding) to {path}")
+        written.append(path)
+    return written[0]
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -2,19 +2,23 @@
 
 - kohya ``.safetensors`` (the main output): what A1111 (``<lora:name:w>``), ComfyUI (``LoraLoader``, strength_clip)
   and diffusers (``pipe.load_lora_weights``) all load. Names are canonical ``lora_te_text_model_encoder_layers_…``
-  whatever transformers is installed, alpha is the real alpha (not the rank), and the metadata carries the ``ss_*``
-  keys A1111 reads to file the LoRA under SD1 with the right alias (DESIGN §3).
-- peft adapter folder and diffusers ``pytorch_lora_weights.safetensors``: for Python users of those libraries.
-- a merged encoder (``text_model.…`` names): for tools that swap text encoders, and the natural output of a full
-  fine-tune, which can also be turned into a LoRA by truncated SVD (:func:`extract_lora`, error reported).
+  (SDXL: ``lora_te1_…`` and ``lora_te2_…`` in one file) whatever transformers is installed, alpha is the real alpha
+  (not the rank), and the metadata carries the ``ss_*`` keys A1111 reads to file the LoRA under SD1 or SDXL with
+  the right alias (DESIGN §3, §7).
+- peft adapter folder(s) and diffusers ``pytorch_lora_weights.safetensors``: for Python users of those libraries.
+- merged encoders (``text_model.…`` names, one per slot): for tools that swap text encoders, and the natural output
+  of a full fine-tune, which can also be turned into a LoRA by truncated SVD (:func:`extract_lora`, error reported).
 
-Modules: ``kohya`` (the kohya file and state dict), ``peft_format``, ``diffusers_format``, ``encoder`` (merged
-encoder and canonical names), ``extract`` (SVD), ``reading`` (any of these back in).
+Every format works per encoder slot; the kohya prefix says which encoder a module belongs to (``slots``).
+Modules: ``kohya`` (the kohya file and state dict), ``slots`` (prefix -> encoder), ``peft_format``,
+``diffusers_format``, ``encoder`` (merged encoders and canonical names), ``extract`` (SVD), ``reading`` (any of these
+back in), ``trained`` (what a run writes), ``run_weights`` (a run folder read back, for ``tc_lite export``).
 """
 
 from tc_lite.export.diffusers_format import export_diffusers
 from tc_lite.export.encoder import (
     canonical_encoder_key,
+    encoder_path,
     encoder_state_dict,
     export_encoder,
     load_encoder_weights,
@@ -24,6 +28,7 @@ from tc_lite.export.encoder import (
 from tc_lite.export.extract import Extraction, extract_lora
 from tc_lite.export.kohya import (
     export_kohya,
+    kohya_dims,
     kohya_metadata,
     lora_groups,
     read_kohya,
@@ -33,16 +38,20 @@ from tc_lite.export.kohya import (
 )
 from tc_lite.export.peft_format import export_peft
 from tc_lite.export.reading import read_tuned
+from tc_lite.export.slots import EncoderFormat, split_lora
 
 __all__ = [
+    "EncoderFormat",
     "Extraction",
     "canonical_encoder_key",
+    "encoder_path",
     "encoder_state_dict",
     "export_diffusers",
     "export_encoder",
     "export_kohya",
     "export_peft",
     "extract_lora",
+    "kohya_dims",
     "kohya_metadata",
     "load_encoder_weights",
     "lora_groups",
@@ -51,6 +60,7 @@ __all__ = [
     "read_tuned",
     "safetensors_hashes",
     "save_dtype_of",
+    "split_lora",
     "update_retention",
     "write_kohya",
 ]

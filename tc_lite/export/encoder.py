@@ -26,13 +26,16 @@ from tc_lite.lora import kohya_state_dict
 
 # --------------------------------------------------------------------------------------------------- encoder names
 
+_PROJECTION = "text_projection."
+
 
 def canonical_encoder_key(name: str) -> str:
-    """``encoder.layers.0…`` / ``base_model.model.encoder…`` / ``text_encoder.text_model…`` -> ``text_model.…``."""
-    for prefix in ("text_encoder.", "base_model.model."):
+    """``encoder.layers.0…`` / ``base_model.model.encoder…`` / ``text_encoder.text_model…`` -> ``text_model.…``;
+    ``text_projection.weight`` (CLIPTextModelWithProjection, SDXL's te2) sits beside ``text_model`` and stays."""
+    for prefix in ("text_encoder_2.", "text_encoder.", "base_model.model."):
         name = name.removeprefix(prefix)
     name = name.replace(".base_layer.", ".")
-    return name if name.startswith(CANONICAL_PREFIX) else CANONICAL_PREFIX + name
+    return name if name.startswith((CANONICAL_PREFIX, _PROJECTION)) else CANONICAL_PREFIX + name
 
 
 def encoder_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,6 +98,21 @@ def load_encoder_weights(text_encoder: torch.nn.Module, sd: Mapping[str, torch.T
 # --------------------------------------------------------------------------------------------------- merged encoder
 
 
+def encoder_path(dest: str | os.PathLike[str], component: str, several: bool = False) -> Path:
+    """Where the merged encoder of diffusers component ``component`` goes, given the export's ``dest``.
+
+    A file name takes diffusers' numbering (``x_text_encoder.safetensors`` -> ``x_text_encoder_2.safetensors`` for
+    ``text_encoder_2``; unchanged for ``text_encoder``), so ComfyUI's DualCLIPLoader gets a clip_l and a clip_g file
+    side by side; a folder holds one transformers folder per component when the family has ``several`` encoders,
+    as a diffusers pipeline folder does (``CLIPTextModelWithProjection.from_pretrained(dest, subfolder=…)``).
+    """
+    p = Path(dest)
+    if p.suffix == ".safetensors":
+        return p.with_name(p.stem + component.removeprefix("text_encoder") + p.suffix)
+    return p / component if several else p
+
+
+
 def update_retention(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], dtype: torch.dtype) -> float:
     """Relative error of the weight UPDATE (tuned − base) after storing ``tuned`` in ``dtype``: 0 = kept exactly.
 
@@ -112,12 +130,14 @@ def update_retention(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch
 
 
 def export_encoder(sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, save_dtype: torch.dtype,
-                   config: Any = None, metadata: Mapping[str, Any] | None = None) -> Path:
+                   config: Any = None, metadata: Mapping[str, Any] | None = None,
+                   architecture: str = "CLIPTextModel", component: str = "text_encoder") -> Path:
     """Write a full text encoder (canonical ``text_model.…`` names) to ``path``.
 
-    A path ending in ``.safetensors`` gets one file (ComfyUI's CLIPLoader, A1111 extensions, or
+    A path ending in ``.safetensors`` gets one file (ComfyUI's CLIPLoader / DualCLIPLoader, A1111 extensions, or
     ``load_encoder_weights``); any other path becomes a transformers folder (``config.json`` + ``model.safetensors``)
-    for ``CLIPTextModel.from_pretrained(path)``. ``config`` is the CLIPTextConfig (needed for the folder form).
+    for ``<architecture>.from_pretrained(path)``. ``config`` is the CLIPTextConfig (needed for the folder form);
+    ``architecture`` is SDXL te2's ``CLIPTextModelWithProjection`` there, ``component`` its diffusers name.
     """
     _check_dtype(save_dtype)
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
@@ -127,7 +147,7 @@ def export_encoder(sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
     over = [k for k, v in out.items() if not torch.isfinite(v).all()]
     if over:
         raise UserError(f"export: {len(over)} encoder tensor(s) overflow {save_dtype} (first: {over[0]}); use fp32")
-    meta = {"format": "pt", "tc_lite_version": __version__, "tc_lite_component": "text_encoder"}
+    meta = {"format": "pt", "tc_lite_version": __version__, "tc_lite_component": component}
     if config is not None:
         meta["tc_lite_text_encoder_config"] = config.to_json_string(use_diff=False)
     for k, v in (metadata or {}).items():
@@ -139,7 +159,7 @@ def export_encoder(sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
         raise ValueError("a folder export needs the encoder config")
     dest.mkdir(parents=True, exist_ok=True)
     cfg = config.to_dict()
-    cfg["architectures"] = ["CLIPTextModel"]
+    cfg["architectures"] = [architecture]
     cfg["torch_dtype"] = cfg["dtype"] = str(save_dtype).removeprefix("torch.")
     save_json_atomic(cfg, dest / "config.json")
     save_safetensors_atomic(out, dest / "model.safetensors", meta)

@@ -17,7 +17,7 @@ from tc_lite.export.kohya import (
     _canonical_module,
     _kohya_module,
 )
-from tc_lite.lora import DEFAULT_TARGETS
+from tc_lite.lora import DEFAULT_TARGETS, KOHYA_TE_PREFIX
 
 
 @dataclass
@@ -37,8 +37,12 @@ class Extraction:
 
 
 def extract_lora(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], rank: int,
-                 targets: Sequence[str] = DEFAULT_TARGETS) -> tuple[dict[str, torch.Tensor], Extraction]:
+                 targets: Sequence[str] = DEFAULT_TARGETS,
+                 prefix: str = KOHYA_TE_PREFIX) -> tuple[dict[str, torch.Tensor], Extraction]:
     """A kohya LoRA of ``rank`` approximating tuned − base on the target linears, by truncated SVD, and its error.
+
+    One encoder at a time: ``prefix`` is its kohya prefix (``lora_te2`` for SDXL's te2), so the LoRAs of several
+    encoders extracted this way go into one file side by side.
 
     ΔW = U S Vᴴ; up = U_r·√S_r, down = √S_r·Vᴴ_r (balanced, so fp16 stores both well), alpha = rank (scale 1).
     At full rank (min(out, in)) the reconstruction is exact up to float rounding.
@@ -68,7 +72,7 @@ def extract_lora(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Ten
         rel = math.sqrt(e2 / r2) if r2 > 0 else 0.0
         if rel > worst[1]:
             worst = (_canonical_module(*m).removeprefix(CANONICAL_PREFIX), rel)
-        name = _kohya_module(*m)
+        name = _kohya_module(*m, prefix=prefix)
         out[f"{name}.lora_down.weight"] = down.float().contiguous()
         out[f"{name}.lora_up.weight"] = up.float().contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)

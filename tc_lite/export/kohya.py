@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,25 @@ USAGE_HINT = (
 )
 
 
+DYNAMIC = "Dynamic"  # kohya's ss_network_dim/alpha when modules differ (networks/resize_lora.py)
+
+
+def _lr_str(lr: float | Sequence[float]) -> str:
+    if isinstance(lr, int | float):
+        return str(float(lr))
+    values = [float(x) for x in lr]
+    return str(values[0]) if len(set(values)) == 1 else str(values)
+
+
+def kohya_dims(sd: Mapping[str, torch.Tensor]) -> tuple[int | str, float | str]:
+    """(ss_network_dim, ss_network_alpha) of a kohya state dict: the common rank and alpha, or ``"Dynamic"``."""
+    downs = {k.removesuffix(".lora_down.weight"): v for k, v in sd.items() if k.endswith(".lora_down.weight")}
+    ranks = {int(v.shape[0]) for v in downs.values()}
+    # a module without .alpha has alpha = rank, as A1111/ComfyUI/diffusers read it
+    alphas = {float(sd[m + ".alpha"].item()) if m + ".alpha" in sd else float(v.shape[0]) for m, v in downs.items()}
+    return (next(iter(ranks)) if len(ranks) == 1 else DYNAMIC, next(iter(alphas)) if len(alphas) == 1 else DYNAMIC)
+
+
 def _str(value: Any) -> str:
     """Metadata values must be strings; containers go in as JSON so other tools can parse them back."""
     if isinstance(value, str):
@@ -45,8 +64,8 @@ def _str(value: Any) -> str:
 def kohya_metadata(
     *,
     output_name: str,
-    rank: int,
-    alpha: float,
+    rank: int | str,
+    alpha: float | str,
     lr: float,
     seed: int,
     steps: int,
@@ -54,6 +73,7 @@ def kohya_metadata(
     optimizer: str,
     base_model_version: str = "sd_v1",
     base_model: str | None = None,
+    text_encoder_lr: float | Sequence[float] | None = None,
     dropout: float | None = None,
     resolution: int | tuple[int, int] | None = 512,
     training_started_at: float | None = None,
@@ -65,6 +85,10 @@ def kohya_metadata(
 ) -> dict[str, str]:
     """kohya ``ss_*`` + ModelSpec metadata for a text-encoder LoRA; every value a string.
 
+    ``rank``/``alpha`` may be ``"Dynamic"`` when modules differ (SDXL's te1 and te2 at different ranks), as
+    sd-scripts' ``networks/resize_lora.py`` writes them; :func:`kohya_dims` computes both from the weights.
+    ``text_encoder_lr`` (default ``lr``): one value, or one per trained encoder, written as kohya's
+    ``train_network.py`` writes ``args.text_encoder_lr`` (``str`` of the list) for networks with several.
     A1111 reads ``ss_base_model_version``/``ss_v2`` to decide SD1/SD2/SDXL (no metadata = "Unknown", hidden by its
     version filter) and ``ss_output_name`` for the alias. ``extra`` keys without a known prefix get ``tc_lite_``
     so they can never shadow a kohya/ModelSpec key; dict/list values are stored as JSON.
@@ -79,13 +103,13 @@ def kohya_metadata(
     meta: dict[str, str] = {
         # kohya / A1111
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": str(float(alpha)),
+        "ss_network_dim": rank if rank == DYNAMIC else str(int(rank)),
+        "ss_network_alpha": alpha if alpha == DYNAMIC else str(float(alpha)),
         "ss_base_model_version": base_model_version,
         "ss_v2": "False",
         "ss_output_name": output_name,
         "ss_learning_rate": str(float(lr)),
-        "ss_text_encoder_lr": str(float(lr)),
+        "ss_text_encoder_lr": _lr_str(lr if text_encoder_lr is None else text_encoder_lr),
         "ss_seed": str(int(seed)),
         "ss_steps": str(int(steps)),
         "ss_mixed_precision": str(mixed_precision),
@@ -180,14 +204,13 @@ def write_kohya(
     out = _cast_lora(sd, save_dtype, dest.name)
 
     meta = {str(k): _str(v) for k, v in metadata.items()}
-    ranks = {int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_down.weight")}
-    alphas = {float(v.item()) for k, v in sd.items() if k.endswith(".alpha")}
-    if "ss_network_dim" in meta and len(ranks) == 1 and int(meta["ss_network_dim"]) != next(iter(ranks)):
-        raise ValueError(f"metadata ss_network_dim={meta['ss_network_dim']} but the LoRA has rank {ranks}")
-    if "ss_network_alpha" in meta and len(alphas) == 1 and not math.isclose(
-        float(meta["ss_network_alpha"]), next(iter(alphas)), rel_tol=1e-6
-    ):
-        raise ValueError(f"metadata ss_network_alpha={meta['ss_network_alpha']} but the LoRA has alpha {alphas}")
+    dim, alpha = kohya_dims(sd)
+    if "ss_network_dim" in meta and meta["ss_network_dim"] != str(dim):
+        raise ValueError(f"metadata ss_network_dim={meta['ss_network_dim']} but the LoRA's rank is {dim}")
+    said = meta.get("ss_network_alpha", str(alpha))
+    if (said == DYNAMIC) != (alpha == DYNAMIC) or (alpha != DYNAMIC and not math.isclose(float(said), float(alpha),
+                                                                                         rel_tol=1e-6)):
+        raise ValueError(f"metadata ss_network_alpha={said} but the LoRA's alpha is {alpha}")
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(out, meta)
     return save_safetensors_atomic(out, dest, meta)
 
@@ -249,8 +272,8 @@ def save_dtype_of(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _kohya_module(layer: int, block: str, proj: str) -> str:
-    return f"{KOHYA_TE_PREFIX}_text_model_encoder_layers_{layer}_{block}_{proj}"
+def _kohya_module(layer: int, block: str, proj: str, prefix: str = KOHYA_TE_PREFIX) -> str:
+    return f"{prefix}_text_model_encoder_layers_{layer}_{block}_{proj}"
 
 
 def _canonical_module(layer: int, block: str, proj: str) -> str:
@@ -258,11 +281,18 @@ def _canonical_module(layer: int, block: str, proj: str) -> str:
 
 
 def lora_groups(sd: Mapping[str, torch.Tensor], source: str = "LoRA") -> list[tuple[tuple[int, str, str], torch.Tensor, torch.Tensor, float]]:
-    """[((layer, block, proj), down [r,in], up [out,r], alpha)] of a kohya state dict, in layer/module order.
+    """[((layer, block, proj), down [r,in], up [out,r], alpha)] of a kohya state dict of ONE text encoder (any
+    prefix; :func:`tc_lite.export.slots.split_lora` splits an SDXL file by encoder), in layer/module order.
 
     Validates the keys (``UserError`` naming ``source``); a missing alpha means alpha = rank, as A1111/ComfyUI read it.
     """
-    groups = _parse_kohya(sd, source)
+    from tc_lite.export.slots import split_lora
+
+    parts = split_lora(sd, source)
+    if len(parts) != 1:
+        raise UserError(f"{source}: holds the LoRAs of {len(parts)} text encoders "
+                        f"({', '.join(f.prefix for f in parts)}); this step takes one encoder's")
+    groups = _parse_kohya(sd, source, next(iter(parts)).prefix)
     out = []
     for key in sorted(groups, key=lambda k: (k[0], _TARGET_ORDER[k[2]])):
         parts = groups[key]

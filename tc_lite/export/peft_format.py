@@ -19,21 +19,25 @@ from tc_lite.export.kohya import (
     _uniform_rank,
     lora_groups,
 )
+from tc_lite.export.slots import EncoderFormat, family_formats, split_lora
 from tc_lite.io import save_json_atomic, save_safetensors_atomic
 
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
+PREFIX_META_KEY = "tc_lite_kohya_prefix"  # ours, in the weights' metadata: which encoder the adapter is for
 
 
-@functools.lru_cache(maxsize=1)
-def encoder_has_text_model() -> bool:
-    """Whether the installed transformers' CLIPTextModel keeps the ``text_model`` submodule (< 5.6) or not."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+@functools.lru_cache(maxsize=None)
+def encoder_has_text_model(encoder_class: str = "CLIPTextModel") -> bool:
+    """Whether the installed transformers' ``encoder_class`` keeps the ``text_model`` submodule: CLIPTextModel
+    dropped it in 5.6, CLIPTextModelWithProjection (SDXL's te2) still has it."""
+    import transformers
+    from transformers import CLIPTextConfig
 
     cfg = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=1, max_position_embeddings=4)
+                         num_attention_heads=1, max_position_embeddings=4, projection_dim=8)
     with torch.device("meta"):
-        return hasattr(CLIPTextModel(cfg), "text_model")
+        return hasattr(getattr(transformers, encoder_class)(cfg), "text_model")
 
 
 def _lora_config_kwargs(groups: list, rank: int, module_prefix: str) -> dict[str, Any]:
@@ -56,16 +60,30 @@ def export_peft(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike[str]
     """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) as ``save_pretrained`` writes it.
 
     Loads with ``PeftModel.from_pretrained(CLIPTextModel…, folder)`` and ``text_encoder.load_adapter(folder)``.
+    A peft adapter belongs to one model, so an SDXL LoRA becomes one adapter per encoder, in the subfolders the
+    diffusers pipeline names them (``folder/text_encoder``, ``folder/text_encoder_2``; only those trained):
+    ``pipe.text_encoder_2.load_adapter(folder + "/text_encoder_2")``. SD1 keeps the adapter at the folder's root.
     peft matches parameter names exactly, so the names follow the module tree of the INSTALLED transformers
-    (``base_model.model.encoder.layers…`` on >= 5.6, ``…text_model.encoder.layers…`` before); export again after
-    switching across that version (the kohya and diffusers files do not have this limitation).
+    (``base_model.model.encoder.layers…`` for CLIPTextModel on >= 5.6, ``…text_model.encoder.layers…`` before and
+    for CLIPTextModelWithProjection); export again after switching across that version (the kohya and diffusers
+    files do not have this limitation).
     """
+    _check_dtype(save_dtype)
+    dest = Path(folder)
+    parts = split_lora(lora, source)
+    for fmt, part in parts.items():
+        sub = dest if len(family_formats(fmt.base_model_version)) == 1 else dest / fmt.component
+        _write_adapter(part, sub, fmt, save_dtype, base_model, f"{source} ({fmt.prefix})")
+    return dest
+
+
+def _write_adapter(lora: Mapping[str, torch.Tensor], dest: Path, fmt: EncoderFormat, save_dtype: torch.dtype,
+                   base_model: str | None, source: str) -> None:
     from peft import LoraConfig
 
-    _check_dtype(save_dtype)
     groups = lora_groups(lora, source)
     rank = _uniform_rank(groups, source)
-    prefix = CANONICAL_PREFIX if encoder_has_text_model() else ""
+    prefix = CANONICAL_PREFIX if encoder_has_text_model(fmt.encoder_class) else ""
     tensors: dict[str, torch.Tensor] = {}
     for (layer, block, proj), down, up, _ in groups:
         path = f"base_model.model.{prefix}encoder.layers.{layer}.{block}.{proj}"
@@ -74,9 +92,7 @@ def export_peft(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike[str]
     out = _cast_lora(tensors, save_dtype, PEFT_WEIGHT_NAME)
     config = LoraConfig(**_lora_config_kwargs(groups, rank, prefix), base_model_name_or_path=base_model).to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    config["auto_mapping"] = {"base_model_class": "CLIPTextModel",
+    config["auto_mapping"] = {"base_model_class": fmt.encoder_class,
                               "parent_library": "transformers.models.clip.modeling_clip"}
-    dest = Path(folder)
-    save_safetensors_atomic(out, dest / PEFT_WEIGHT_NAME, {"format": "pt"})
+    save_safetensors_atomic(out, dest / PEFT_WEIGHT_NAME, {"format": "pt", PREFIX_META_KEY: fmt.prefix})
     save_json_atomic(config, dest / PEFT_CONFIG_NAME)
-    return dest

@@ -13,14 +13,15 @@ from typing import Any
 import torch
 
 from tc_lite.errors import UserError
-from tc_lite.export.diffusers_format import _DIFFUSERS_META_KEY, DIFFUSERS_WEIGHT_NAME
+from tc_lite.export.diffusers_format import _DIFFUSERS_META_KEY, BASE_MODEL_META_KEY, DIFFUSERS_WEIGHT_NAME
 from tc_lite.export.encoder import canonical_encoder_key
 from tc_lite.export.kohya import _TARGET_ORDER, _kohya_module, lora_groups, read_kohya
-from tc_lite.export.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
+from tc_lite.export.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, PREFIX_META_KEY
+from tc_lite.export.slots import SD1_VERSION, SDXL_VERSION, family_formats, format_for, format_of, split_lora
 
 # peft / diffusers LoRA keys, with or without their prefixes and an adapter name, old or new module tree.
 _PEFT_KEY_RE = re.compile(
-    r"^(?:text_encoder\.|base_model\.model\.)?(?:text_model\.)?encoder\.layers\.(?P<layer>\d+)\."
+    r"^(?:(?P<component>text_encoder(?:_2)?)\.|base_model\.model\.)?(?:text_model\.)?encoder\.layers\.(?P<layer>\d+)\."
     r"(?P<block>self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<ab>A|B)(?:\.[\w-]+)?\.weight$"
 )
 
@@ -29,8 +30,10 @@ def read_tuned(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> t
     """Read any tc-lite output as ("lora", kohya state dict) or ("encoder", canonical encoder state dict).
 
     Accepts a kohya ``.safetensors``, a diffusers LoRA (file, or folder holding ``pytorch_lora_weights.safetensors``),
-    a peft adapter folder (or its ``adapter_model.safetensors``), a merged / full fine-tuned encoder file or folder,
-    or an in-memory state dict of any of these. Anything else is a ``UserError`` naming the file.
+    a peft adapter folder (or its ``adapter_model.safetensors``; SDXL: the folder of ``text_encoder/`` and
+    ``text_encoder_2/`` adapters), a merged / full fine-tuned encoder file or folder, or an in-memory state dict of
+    any of these. SDXL LoRAs come back with ``lora_te1_``/``lora_te2_`` names. Anything else is a ``UserError``
+    naming the file.
     """
     if isinstance(source, Mapping):
         return _classify(dict(source), {}, None, "state dict")
@@ -39,6 +42,11 @@ def read_tuned(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> t
         for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, "model.safetensors"):
             if (p / name).is_file():
                 return read_tuned(p / name)
+        subs = [p / f.component for f in family_formats(SDXL_VERSION)]
+        if any((s / PEFT_WEIGHT_NAME).is_file() for s in subs):
+            return "lora", {k: v for s in subs if (s / PEFT_WEIGHT_NAME).is_file() for k, v in read_tuned(s)[1].items()}
+        if any((s / "model.safetensors").is_file() for s in subs):
+            raise UserError(f"{str(p)!r} holds one merged encoder per subfolder; pass {subs[0]} or {subs[1]}")
         raise UserError(
             f"{str(p)!r} is a folder without {DIFFUSERS_WEIGHT_NAME}, {PEFT_WEIGHT_NAME} or model.safetensors; "
             "pass a LoRA .safetensors file or an export folder"
@@ -57,12 +65,14 @@ def _classify(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], pef
               source: str) -> tuple[str, dict[str, torch.Tensor]]:
     keys = list(tensors)
     if keys and all(k.startswith("lora_") for k in keys):
-        lora_groups(tensors, source)  # validate now, with the file's name in the message
+        for part in split_lora(tensors, source).values():
+            lora_groups(part, source)  # validate now, with the file's name in the message
         return "lora", tensors
     if keys and any(".lora_A" in k or ".lora_B" in k for k in keys):
         return "lora", _peft_to_kohya(tensors, metadata, peft_cfg, source)
     if any(k.endswith("self_attn.q_proj.weight") for k in keys) and not any("lora" in k for k in keys):
-        if any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")) for k in keys):
+        if any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.", "conditioner."))
+               for k in keys):
             raise UserError(f"{source}: is a whole Stable Diffusion checkpoint; pass it as the base model instead")
         return "encoder", {canonical_encoder_key(k): v for k, v in tensors.items()}
     raise UserError(
@@ -71,44 +81,55 @@ def _classify(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], pef
     )
 
 
-def _peft_alpha(metadata: Mapping[str, str], peft_cfg: Mapping[str, Any] | None, rank: int) -> tuple[float, dict]:
+def _peft_alpha(metadata: Mapping[str, str], peft_cfg: Mapping[str, Any] | None, rank: int,
+                component: str) -> tuple[float, dict]:
     """(default alpha, alpha_pattern) from a peft adapter_config or diffusers' lora_adapter_metadata."""
     if peft_cfg is not None:
         return float(peft_cfg.get("lora_alpha", rank)), dict(peft_cfg.get("alpha_pattern") or {})
     raw = metadata.get(_DIFFUSERS_META_KEY)
     if raw:
         meta = json.loads(raw)
-        return float(meta.get("text_encoder.lora_alpha", rank)), dict(meta.get("text_encoder.alpha_pattern") or {})
+        return float(meta.get(f"{component}.lora_alpha", rank)), dict(meta.get(f"{component}.alpha_pattern") or {})
     return float(rank), {}  # no config: diffusers then uses alpha = rank
 
 
 def _peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                    peft_cfg: Mapping[str, Any] | None, source: str) -> dict[str, torch.Tensor]:
-    parts: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
+    """peft/diffusers keys -> kohya names. The kohya prefix: a diffusers key's component (``text_encoder_2.`` is
+    SDXL's te2), a peft adapter's ``tc_lite_kohya_prefix`` metadata, and for ``text_encoder.`` the family our
+    metadata names (an SDXL te1-only file has no other sign); foreign files without it are SD1's."""
+    parts: dict[tuple[str, int, str, str], dict[str, torch.Tensor]] = {}
     unknown = []
     for k, v in tensors.items():
         m = _PEFT_KEY_RE.match(k)
         if m is None:
             unknown.append(k)
             continue
-        parts.setdefault((int(m["layer"]), m["block"], m["proj"]), {})[m["ab"]] = v
+        parts.setdefault((m["component"] or "", int(m["layer"]), m["block"], m["proj"]), {})[m["ab"]] = v
     if unknown:
         raise UserError(
-            f"{source}: {len(unknown)} key(s) are not SD1 text-encoder LoRA keys (first: {unknown[0]}); "
-            "UNet and SDXL LoRAs are not supported here"
+            f"{source}: {len(unknown)} key(s) are not text-encoder LoRA keys (first: {unknown[0]}); "
+            "UNet LoRAs are not supported here"
         )
     incomplete = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
     if incomplete:
-        raise UserError(f"{source}: lora_A/lora_B missing for layer {incomplete[0]}; the file is truncated")
-    rank = int(next(iter(parts.values()))["A"].shape[0])
-    alpha, pattern = _peft_alpha(metadata, peft_cfg, rank)
+        raise UserError(f"{source}: lora_A/lora_B missing for layer {incomplete[0][1]}; the file is truncated")
+    version = metadata.get(BASE_MODEL_META_KEY, SD1_VERSION)
+    if any(k[0] == "text_encoder_2" for k in parts):
+        version = SDXL_VERSION
     out: dict[str, torch.Tensor] = {}
-    for key in sorted(parts, key=lambda k: (k[0], _TARGET_ORDER.get(k[2], 9))):
-        name = _kohya_module(*key)
-        module_path = f"encoder.layers.{key[0]}.{key[1]}.{key[2]}"
-        a = next((float(v) for pat, v in pattern.items() if re.fullmatch(rf"(.*\.)?{pat}", module_path)), alpha)
-        out[f"{name}.lora_down.weight"] = parts[key]["A"]
-        out[f"{name}.lora_up.weight"] = parts[key]["B"]
-        out[f"{name}.alpha"] = torch.tensor(a, dtype=torch.float32)
-    lora_groups(out, source)
+    for component in sorted({k[0] for k in parts}):
+        own = {k[1:]: ab for k, ab in parts.items() if k[0] == component}
+        fmt = (format_of(metadata[PREFIX_META_KEY]) if not component and PREFIX_META_KEY in metadata
+               else format_for(component or "text_encoder", version))
+        rank = int(next(iter(own.values()))["A"].shape[0])
+        alpha, pattern = _peft_alpha(metadata, peft_cfg, rank, fmt.component)
+        for key in sorted(own, key=lambda k: (k[0], _TARGET_ORDER.get(k[2], 9))):
+            name = _kohya_module(*key, prefix=fmt.prefix)
+            module_path = f"encoder.layers.{key[0]}.{key[1]}.{key[2]}"
+            a = next((float(v) for pat, v in pattern.items() if re.fullmatch(rf"(.*\.)?{pat}", module_path)), alpha)
+            out[f"{name}.lora_down.weight"] = own[key]["A"]
+            out[f"{name}.lora_up.weight"] = own[key]["B"]
+            out[f"{name}.alpha"] = torch.tensor(a, dtype=torch.float32)
+        lora_groups({k: v for k, v in out.items() if k.startswith(fmt.prefix + "_")}, source)
     return out

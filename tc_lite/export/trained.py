@@ -1,52 +1,85 @@
 """What a finished (or best-so-far) run writes: one kohya file holding every LoRA adapter's modules under the
-family's prefixes, or, for full fine-tuning, the whole encoder(s) with canonical names."""
+family's prefixes (SDXL: ``lora_te1_`` and ``lora_te2_``), and, for encoders trained in full, each whole encoder
+with canonical names (``<name>_text_encoder.safetensors``; SDXL's te2 ``<name>_text_encoder_2.safetensors``)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from tc_lite.export.kohya import kohya_metadata, save_dtype_of, write_kohya
+from tc_lite.export.kohya import kohya_dims, kohya_metadata, save_dtype_of, write_kohya
+from tc_lite.export.slots import split_lora
+
+
+def run_lora_metadata(cfg: Any, lora: Mapping[str, torch.Tensor], *, output_name: str, steps: int, precision: str,
+                      base_model_version: str | None = None, started_at: float | None = None,
+                      extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """kohya metadata for the LoRA ``lora`` of the run configured by ``cfg``.
+
+    ``ss_network_dim``/``ss_network_alpha`` come from the weights (``"Dynamic"`` when SDXL's encoders differ),
+    ``ss_text_encoder_lr`` is each trained encoder's learning rate (``lora.per_encoder.<slot>.lr`` or optim.lr),
+    and ``tc_lite_encoders`` says per encoder what it holds: modules, rank, alpha and lr.
+    """
+    from tc_lite.adapters import encoder_settings
+
+    parts = split_lora(lora, output_name)
+    per_encoder: dict[str, dict[str, Any]] = {}
+    for fmt, part in parts.items():
+        rank, alpha = kohya_dims(part)
+        lr = encoder_settings(cfg.lora, fmt.slot)["lr"] or cfg.optim.lr
+        per_encoder[fmt.slot] = {"prefix": fmt.prefix, "modules": sum(k.endswith(".lora_down.weight") for k in part),
+                                 "rank": rank, "alpha": alpha, "lr": lr}
+    rank, alpha = kohya_dims(lora)
+    return kohya_metadata(
+        output_name=output_name, rank=rank, alpha=alpha, lr=cfg.optim.lr,
+        text_encoder_lr=[e["lr"] for e in per_encoder.values()], seed=cfg.train.seed, steps=steps,
+        mixed_precision=precision, optimizer=cfg.optim.name, base_model=cfg.model.source,
+        base_model_version=base_model_version or next(iter(parts)).base_model_version,
+        resolution=(cfg.sampling.width, cfg.sampling.height), training_started_at=started_at,
+        extra={"tc_lite_config": json.dumps(cfg.to_dict()), "tc_lite_encoders": per_encoder, **(extra or {})})
 
 
 def export_trained(adapters: Any, family: Any, cfg: Any, *, steps: int, precision: str, started_at: float | None,
                    path: Path | None = None, log: Callable[[str], None] = print) -> Path:
-    """Write the run's result and return its path (`<output.dir>/<output.name>.safetensors` for LoRAs)."""
+    """Write the run's result and return its path: `<output.dir>/<output.name>.safetensors` when anything trained
+    as a LoRA, else the (first) full encoder's file. `path` replaces that first file's path."""
     out, name = Path(cfg.output.dir), cfg.output.name
     dtype = save_dtype_of(cfg.output.save_precision)
-    if adapters.kinds == {"lora"}:
-        tensors: dict[str, torch.Tensor] = {}
-        for a in adapters:
-            tensors.update(a.kohya_tensors())
-        meta = kohya_metadata(
-            output_name=name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, lr=cfg.optim.lr, seed=cfg.train.seed,
-            steps=steps, mixed_precision=precision, optimizer=cfg.optim.name, base_model=cfg.model.source,
-            base_model_version=family.kohya_base_model_version, resolution=(cfg.sampling.width, cfg.sampling.height),
-            training_started_at=started_at, extra={"tc_lite_config": json.dumps(cfg.to_dict())})
-        return write_kohya(tensors, path or out / f"{name}.safetensors", metadata=meta, save_dtype=dtype)
-    written = [_export_full(a, cfg, steps, dtype, path if len(adapters) == 1 else None, len(adapters) > 1, log)
-               for a in adapters]
+    written: list[Path] = []
+    loras = [a for a in adapters if a.kind == "lora"]
+    if loras:
+        tensors = {k: v for a in loras for k, v in a.kohya_tensors().items()}
+        meta = run_lora_metadata(cfg, tensors, output_name=name, steps=steps, precision=precision,
+                                 base_model_version=family.kohya_base_model_version, started_at=started_at)
+        written.append(write_kohya(tensors, path or out / f"{name}.safetensors", metadata=meta, save_dtype=dtype))
+    from tc_lite.export.encoder import encoder_path
+
+    first = path if path is not None and not loras else out / f"{name}_text_encoder.safetensors"
+    for a in adapters:
+        if a.kind == "full":
+            written.append(_export_full(a, cfg, steps, dtype, encoder_path(first, a.slot.encoder_attr), log))
     return written[0]
 
 
-def _export_full(adapter: Any, cfg: Any, steps: int, dtype: torch.dtype, path: Path | None, several: bool,
+def _export_full(adapter: Any, cfg: Any, steps: int, dtype: torch.dtype, dest: Path,
                  log: Callable[[str], None]) -> Path:
     """The full encoder with `text_model.…` names whatever transformers builds (the §3 trap), and in fp32 when
     `output.save_precision` would round away more than 1% of the weight change (a full fine-tune at lr 1e-6 moves
     weights below fp16's resolution, so an fp16 file could silently be the base model)."""
     from tc_lite.export.encoder import encoder_state_dict, export_encoder, update_retention
 
-    tuned = encoder_state_dict(adapter.module())
+    module = adapter.module()
+    tuned = encoder_state_dict(module)
     lost = update_retention(tuned, encoder_state_dict(adapter.frozen), dtype)
     if lost > 0.01 and dtype != torch.float32:
-        log(f"output.save_precision={cfg.output.save_precision} would lose {lost:.1%} of the encoder's weight change "
-            "to rounding; writing fp32 instead")
+        log(f"output.save_precision={cfg.output.save_precision} would lose {lost:.1%} of {adapter.key}'s weight "
+            "change to rounding; writing fp32 instead")
         dtype = torch.float32
-    suffix = f"_text_encoder_{adapter.key}" if several else "_text_encoder"
-    dest = path or Path(cfg.output.dir) / f"{cfg.output.name}{suffix}.safetensors"
-    return export_encoder(tuned, dest, save_dtype=dtype, config=adapter.module().config,
+    return export_encoder(tuned, dest, save_dtype=dtype, config=module.config, architecture=type(module).__name__,
+                          component=adapter.slot.encoder_attr,
                           metadata={"tc_lite_config": json.dumps(cfg.to_dict()), "tc_lite_base_model": cfg.model.source,
-                                    "tc_lite_steps": steps})
+                                    "tc_lite_steps": steps, "tc_lite_slot": adapter.key})
