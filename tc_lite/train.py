@@ -28,7 +28,7 @@ from .memory.oom import out_of_memory_message
 from .models import freeze_and_cast
 from .optim import build_optimizer, build_schedule
 from .outputs import MetricsLog, ProgressBar, make_grid
-from .precision import resolve_precision, set_attention
+from .precision import resolve_precision, set_attention, vae_dtype
 from .render import RenderPlan, Renderer
 from .rewards import RewardMix, build_reward
 from .run_folder import RunFolder
@@ -72,6 +72,10 @@ class Recipe:
 
         self.family, comps = load_model(cfg.model, p.weight_dtype)
         freeze_and_cast(comps, p.weight_dtype)
+        comps.vae.to(vae_dtype(cfg.memory, comps.vae, p.weight_dtype))  # SDXL's VAE overflows in fp16
+        if next(comps.vae.parameters()).dtype != p.weight_dtype:
+            self.log("the VAE decodes in fp32 (it overflows in fp16); model.vae: madebyollin/sdxl-vae-fp16-fix or "
+                     "memory.precision: bf16 (where the card has it) avoid the extra memory")
         for m in (comps.unet, comps.vae, *self.family.encoders(comps).values()):
             m.to(p.device)
         self.components = comps

@@ -29,12 +29,12 @@ class _Renderer:
 
     def __init__(self, model: Any, loras: Sequence[Any], settings: EvalSettings, prec: Any,
                  log: Callable[[str], None]):
-        from tc_lite.config import ModelConfig
+        from tc_lite.config import MemoryConfig, ModelConfig
         from tc_lite.families import family_of, load_model
         from tc_lite.inference import default_size, tuned_encoders
         from tc_lite.models import freeze_and_cast
         from tc_lite.models.components import SDComponents
-        from tc_lite.precision import set_attention
+        from tc_lite.precision import set_attention, vae_dtype
 
         options = dict(settings.model_options or {})
         if isinstance(model, SDComponents):
@@ -42,6 +42,7 @@ class _Renderer:
         else:
             comps = load_model(ModelConfig(source=str(model), **options), prec.weight_dtype)[1]
         freeze_and_cast(comps, prec.weight_dtype)
+        comps.vae.to(vae_dtype(MemoryConfig(), comps.vae, prec.weight_dtype))  # SDXL's VAE overflows in fp16
         for m in (comps.unet, comps.vae, *family_of(comps).encoders(comps).values()):
             m.to(prec.device).eval()
         set_attention(comps.unet, "sdpa", prec.device, warn=log)
