@@ -46,19 +46,21 @@ def run_lora_metadata(cfg: Any, lora: Mapping[str, torch.Tensor], *, output_name
 def export_trained(adapters: Any, family: Any, cfg: Any, *, steps: int, precision: str, started_at: float | None,
                    path: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Write the run's result and return its path: `<output.dir>/<output.name>.safetensors` when anything trained
-    as a LoRA, else the (first) full encoder's file. `path` replaces that first file's path."""
-    out, name = Path(cfg.output.dir), cfg.output.name
+    as a LoRA, else the (first) full encoder's file. `path` replaces that first file's path; full encoders beside
+    a LoRA then go to `<path stem>_text_encoder[_2].safetensors`."""
+    from tc_lite.export.encoder import encoder_path
+
     dtype = save_dtype_of(cfg.output.save_precision)
     written: list[Path] = []
     loras = [a for a in adapters if a.kind == "lora"]
+    kohya_dest = path or Path(cfg.output.dir) / f"{cfg.output.name}.safetensors"
     if loras:
         tensors = {k: v for a in loras for k, v in a.kohya_tensors().items()}
-        meta = run_lora_metadata(cfg, tensors, output_name=name, steps=steps, precision=precision,
+        meta = run_lora_metadata(cfg, tensors, output_name=cfg.output.name, steps=steps, precision=precision,
                                  base_model_version=family.kohya_base_model_version, started_at=started_at)
-        written.append(write_kohya(tensors, path or out / f"{name}.safetensors", metadata=meta, save_dtype=dtype))
-    from tc_lite.export.encoder import encoder_path
-
-    first = path if path is not None and not loras else out / f"{name}_text_encoder.safetensors"
+        written.append(write_kohya(tensors, kohya_dest, metadata=meta, save_dtype=dtype))
+    first = (path if path is not None and not loras
+             else kohya_dest.with_name(f"{kohya_dest.stem}_text_encoder.safetensors"))
     for a in adapters:
         if a.kind == "full":
             written.append(_export_full(a, cfg, steps, dtype, encoder_path(first, a.slot.encoder_attr), log))
