@@ -156,6 +156,19 @@ def test_equal_ranks_give_plain_numbers_and_one_lr(xl, tmp_path):
     assert (md["ss_network_dim"], md["ss_network_alpha"], md["ss_text_encoder_lr"]) == ("4", "2.0", "0.0001")
 
 
+def test_a_te2_lora_without_all_four_attention_projections_is_flagged_for_a1111(xl, lora):
+    """A1111 patches OpenCLIP's fused attention only with q, k, v and out_proj (tests/test_export_sdxl_uis.py)."""
+    from tc_lite.export.kohya import a1111_skipped_layers, a1111_warning
+
+    partial = {**kohya_state_dict(add_lora(copy.deepcopy(xl.text_encoder), rank=2, alpha=2.0, targets=["q_proj"]),
+                                  prefix="lora_te1"),
+               **kohya_state_dict(add_lora(copy.deepcopy(xl.text_encoder_2), rank=2, alpha=2.0,
+                                           targets=["q_proj", "v_proj", "fc1"]), prefix="lora_te2")}
+    assert a1111_skipped_layers(partial) == [0, 1, 2]  # te1's separate linears are fine in A1111
+    assert "3 layer(s)" in a1111_warning(partial) and "lora.targets" in a1111_warning(partial)
+    assert a1111_skipped_layers(lora) == [] and a1111_warning(lora) is None
+
+
 # ---------------------------------------------------------------------------------------------- diffusers loads it
 
 

@@ -97,6 +97,7 @@ def _describe(lora: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
 def _export_lora(rw: RunWeights, lora: dict[str, torch.Tensor], fmt: str, dest: Path, dtype: torch.dtype,
                  extra: dict, log: Callable[[str], None]) -> Path:
     from tc_lite.export import export_diffusers, export_peft, write_kohya
+    from tc_lite.export.kohya import a1111_warning
     from tc_lite.export.slots import split_lora
     from tc_lite.export.trained import run_lora_metadata
 
@@ -111,6 +112,8 @@ def _export_lora(rw: RunWeights, lora: dict[str, torch.Tensor], fmt: str, dest: 
         path = write_kohya(lora, dest, metadata=metadata, save_dtype=dtype)
         log(f"wrote kohya LoRA ({what}) to {path}\n  A1111: copy to models/Lora, prompt <lora:{dest.stem}:1>; "
             "ComfyUI: models/loras, LoraLoader (strength_clip)")
+        if warning := a1111_warning(lora):
+            log(warning)
     elif fmt == "peft":
         if dest.suffix == ".safetensors":
             raise UserError(f"--out {str(dest)!r}: a peft adapter is a folder (adapter_config.json + weights); "

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -147,6 +148,29 @@ def kohya_metadata(
         k = str(key)
         meta[k if k.startswith(_KNOWN_PREFIXES) else f"tc_lite_{k}"] = _str(value)
     return meta
+
+
+_TE2_ATTENTION = re.compile(r"^lora_te2_text_model_encoder_layers_(\d+)_self_attn_(q|k|v|out)_proj\.")
+
+
+def a1111_skipped_layers(sd: Mapping[str, torch.Tensor]) -> list[int]:
+    """SDXL te2 layers whose attention LoRA A1111 silently skips: its OpenCLIP embedder fuses q/k/v into one
+    ``in_proj`` and ``networks.network_apply_weights`` patches it only when q, k, v AND out_proj are all in the file
+    (ComfyUI and diffusers apply any subset)."""
+    have: dict[int, set[str]] = {}
+    for key in sd:
+        if m := _TE2_ATTENTION.match(key):
+            have.setdefault(int(m[1]), set()).add(m[2])
+    return sorted(layer for layer, projs in have.items() if projs != {"q", "k", "v", "out"})
+
+
+def a1111_warning(sd: Mapping[str, torch.Tensor]) -> str | None:
+    skipped = a1111_skipped_layers(sd)
+    if not skipped:
+        return None
+    return (f"warning: A1111 ignores te2's attention LoRA in {len(skipped)} layer(s) (first: {skipped[0]}): it "
+            "patches OpenCLIP's fused attention only when q_proj, k_proj, v_proj and out_proj are all trained. "
+            "ComfyUI and diffusers apply it; for A1111 train with all four in lora.targets")
 
 
 def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from tc_lite.export.kohya import kohya_dims, kohya_metadata, save_dtype_of, write_kohya
+from tc_lite.export.kohya import a1111_warning, kohya_dims, kohya_metadata, save_dtype_of, write_kohya
 from tc_lite.export.slots import split_lora
 
 
@@ -59,6 +59,8 @@ def export_trained(adapters: Any, family: Any, cfg: Any, *, steps: int, precisio
         meta = run_lora_metadata(cfg, tensors, output_name=cfg.output.name, steps=steps, precision=precision,
                                  base_model_version=family.kohya_base_model_version, started_at=started_at)
         written.append(write_kohya(tensors, kohya_dest, metadata=meta, save_dtype=dtype))
+        if warning := a1111_warning(tensors):
+            log(warning)
     first = (path if path is not None and not loras
              else kohya_dest.with_name(f"{kohya_dest.stem}_text_encoder.safetensors"))
     for a in adapters:
