@@ -104,18 +104,24 @@ def tuned_encoders(components: Any, source: TunedSource,
                    base_encoders: Mapping[str, torch.nn.Module] | None = None) -> dict[str, torch.nn.Module]:
     """The tuned encoder of every slot of the components' family that ``source`` changes, by slot name.
 
-    ``source``: a LoRA or full-encoder file / state dict (the family's kohya prefixes say which slot each module
-    belongs to), a module (the first slot's tuned encoder), or a mapping of slot names to modules."""
+    ``source``: a LoRA file / state dict (the family's kohya prefixes say which slot each module belongs to), one
+    full-encoder file (the slot whose encoder it fits), a module (the first slot's tuned encoder), or a mapping of
+    slot names to modules or files (an SDXL run that trained both encoders in full: one file each)."""
     family = family_of(components)
     base = dict(base_encoders or family.encoders(components))
-    if isinstance(source, Mapping) and source and all(isinstance(v, torch.nn.Module) for v in source.values()):
-        return dict(source)  # type: ignore[arg-type]
+    slots = {s.name: s for s in family.slots}
+    if isinstance(source, Mapping) and source and set(source) <= set(slots):  # slot name -> module or file
+        return {name: tuned_encoder(base[name], src, prefix=slots[name].kohya_prefix)  # type: ignore[arg-type]
+                for name, src in source.items()}
     if isinstance(source, torch.nn.Module) or len(family.slots) == 1:
         slot = family.slots[0]
         return {slot.name: tuned_encoder(base[slot.name], source, prefix=slot.kohya_prefix)}  # type: ignore[arg-type]
     from tc_lite.export import read_tuned
 
     kind, sd = read_tuned(source)  # type: ignore[arg-type]
+    if kind == "encoder":  # one fully trained encoder: the slot whose base encoder has its names and shapes
+        name = _slot_of_encoder(family, base, sd, str(source) if not isinstance(source, Mapping) else "state dict")
+        return {name: tuned_encoder(base[name], sd, prefix=slots[name].kohya_prefix)}
     out = {}
     for slot in family.slots:
         own = {k: v for k, v in sd.items() if k.startswith(slot.kohya_prefix + "_")}
@@ -125,6 +131,19 @@ def tuned_encoders(components: Any, source: TunedSource,
         raise UserError(f"{source}: no module for any text encoder of {family.label} "
                         f"(prefixes {[s.kohya_prefix for s in family.slots]})")
     return out
+
+
+def _slot_of_encoder(family: Any, base: Mapping[str, torch.nn.Module], sd: Mapping[str, torch.Tensor],
+                     label: str) -> str:
+    from tc_lite.export import encoder_state_dict
+
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for slot in family.slots:
+        own = {k: tuple(v.shape) for k, v in encoder_state_dict(base[slot.name]).items() if ".lora_" not in k}
+        if own == shapes:
+            return slot.name
+    raise UserError(f"{label}: a full text encoder that matches none of {family.label}'s encoders "
+                    f"({', '.join(s.description for s in family.slots)}); was it trained on another base model?")
 
 
 @contextlib.contextmanager

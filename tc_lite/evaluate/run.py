@@ -67,6 +67,36 @@ class _Renderer:
                                 width=self.width, batch_size=s.batch_size, autocast=self.autocast)
 
 
+def _describe(source: Any) -> Any:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, dict) and all(isinstance(v, (str, Path)) for v in source.values()):
+        return {k: str(v) for k, v in source.items()}
+    return f"<{type(source).__name__}>"
+
+
+def run_result(cfg: Any, run: Path, best: bool = False) -> Any:
+    """What `export_trained` wrote (its final result, or with `best` the held-out best), as one tuned source: the
+    kohya file when everything trained as a LoRA; a fully trained encoder's file; slot -> file when several files
+    make the model (SDXL encoders trained in full). None for a missing best; a UserError for a missing final."""
+    from tc_lite.adapters import encoder_settings, selected_slots
+    from tc_lite.export.encoder import encoder_path
+    from tc_lite.families import family_for
+
+    slots = selected_slots(cfg.lora, family_for(cfg.model))
+    full = {s.name for s in slots if encoder_settings(cfg.lora, s.name)["mode"] == "full"}
+    kohya = run / f"{cfg.output.name}{'_best' if best else ''}.safetensors"
+    first = kohya if best and len(full) == len(slots) else kohya.with_name(f"{kohya.stem}_text_encoder.safetensors")
+    files = {s.name: encoder_path(first, s.encoder_attr) if s.name in full else kohya for s in slots}
+    missing = sorted({str(f) for f in files.values() if not f.is_file()})
+    if missing:
+        if best:
+            return None
+        raise UserError(f"run: {missing[0]!r} not found; the run has not finished (or pass the LoRA file "
+                        "explicitly)")
+    return next(iter(files.values())) if len(set(files.values())) == 1 else files
+
+
 def _resolve_precision(device: str, precision: str) -> Any:
     from tc_lite.config import MemoryConfig
     from tc_lite.precision import resolve_precision
@@ -128,7 +158,7 @@ def evaluate(model: Any, loras: Sequence[Any] = (), settings: EvalSettings | Non
 
     s = settings
     header = {"model": renderer.source, "prompts_source": plan.prompts_source,
-              "loras": [str(x) if isinstance(x, (str, Path)) else f"<{type(x).__name__}>" for x in loras],
+              "loras": [_describe(x) for x in loras],
               "reward_spec": plan.reward_spec,
               "settings": {"scheduler": s.scheduler, "steps": s.steps, "guidance_scale": s.guidance,
                            "height": renderer.height, "width": renderer.width, "negative_prompt": s.negative_prompt,
@@ -170,14 +200,9 @@ def evaluate_run(run_dir: str | Path, *, loras: Sequence[Any] | None = None, log
         raise UserError(f"run: {str(cfg_path)!r} not found; pass the output.dir of a tc-lite training run")
     cfg = load_config(cfg_path)
     if loras is None:
-        final = run / f"{cfg.output.name}.safetensors"
-        if cfg.lora.mode == "full":
-            final = run / f"{cfg.output.name}_text_encoder.safetensors"
-        if not final.is_file():
-            raise UserError(f"run: {str(final)!r} not found; the run has not finished (or pass the LoRA file "
-                            "explicitly)")
-        best = run / f"{cfg.output.name}_best.safetensors"  # written on each new held-out best (eval.patience > 0)
-        loras = [final, best] if best.is_file() else [final]
+        final = run_result(cfg, run)
+        best = run_result(cfg, run, best=True)  # each new held-out best (eval.patience > 0)
+        loras = [final, best] if best is not None else [final]
     overrides = dict(overrides)
     model = overrides.pop("model", cfg.model.source)
     unknown = EvalSettings.unknown_names(list(overrides))

@@ -195,6 +195,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _source_name(src: Any, i: int) -> str:
+    """A file's stem; for slot -> file (an SDXL run with encoders trained in full) the first file's."""
+    if isinstance(src, dict) and src and all(isinstance(v, (str, Path)) for v in src.values()):
+        src = next(iter(src.values()))
+    return Path(src).stem if isinstance(src, (str, Path)) else f"lora{i + 1}"
+
+
 def _model_names(loras: Sequence[Any], names: Sequence[str] | None) -> list[str]:
     """"base", then one name per LoRA (given, or the file's stem), made unique and free of whitespace."""
     if names is not None:
@@ -202,7 +209,7 @@ def _model_names(loras: Sequence[Any], names: Sequence[str] | None) -> list[str]
             raise UserError(f"names: {len(names)} name(s) for {len(loras)} LoRA(s); give one per LoRA")
         out = list(names)
     else:
-        out = [Path(src).stem if isinstance(src, (str, Path)) else f"lora{i + 1}" for i, src in enumerate(loras)]
+        out = [_source_name(src, i) for i, src in enumerate(loras)]
     seen: dict[str, int] = {"base": 1}
     unique = []
     for n in out:
