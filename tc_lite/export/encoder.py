@@ -112,7 +112,6 @@ def encoder_path(dest: str | os.PathLike[str], component: str, several: bool = F
     return p / component if several else p
 
 
-
 def update_retention(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], dtype: torch.dtype) -> float:
     """Relative error of the weight UPDATE (tuned − base) after storing ``tuned`` in ``dtype``: 0 = kept exactly.
 

@@ -312,11 +312,11 @@ def lora_groups(sd: Mapping[str, torch.Tensor], source: str = "LoRA") -> list[tu
     """
     from tc_lite.export.slots import split_lora
 
-    parts = split_lora(sd, source)
-    if len(parts) != 1:
-        raise UserError(f"{source}: holds the LoRAs of {len(parts)} text encoders "
-                        f"({', '.join(f.prefix for f in parts)}); this step takes one encoder's")
-    groups = _parse_kohya(sd, source, next(iter(parts)).prefix)
+    encoders = split_lora(sd, source)
+    if len(encoders) != 1:
+        raise UserError(f"{source}: holds the LoRAs of {len(encoders)} text encoders "
+                        f"({', '.join(f.prefix for f in encoders)}); this step takes one encoder's")
+    groups = _parse_kohya(sd, source, next(iter(encoders)).prefix)
     out = []
     for key in sorted(groups, key=lambda k: (k[0], _TARGET_ORDER[k[2]])):
         parts = groups[key]

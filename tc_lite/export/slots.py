@@ -93,7 +93,3 @@ def split_lora(sd: Mapping[str, torch.Tensor], source: str = "LoRA") -> dict[Enc
         raise UserError(f"{source}: mixes SD1 (lora_te_) and SDXL (lora_te1_/lora_te2_) modules; no model has both")
     return {FORMATS[p]: out[p] for p in sorted(out)}
 
-
-def base_model_version_of(sd: Mapping[str, torch.Tensor], source: str = "LoRA") -> str:
-    """kohya's ss_base_model_version for the encoders a kohya state dict changes."""
-    return next(iter(split_lora(sd, source))).base_model_version
