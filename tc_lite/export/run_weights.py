@@ -56,19 +56,6 @@ class RunWeights:
         return {s.name: s.encoder(comps).eval() for s in family.slots}
 
 
-def final_files(run: Path, cfg: Any, family: Any) -> tuple[Path | None, dict[str, Path]]:
-    """(the kohya file, {slot: full-encoder file}) a finished run of `cfg` holds, from its `lora` section."""
-    from tc_lite.adapters import encoder_settings, selected_slots
-    from tc_lite.export.encoder import encoder_path
-
-    modes = {s: encoder_settings(cfg.lora, s.name)["mode"] for s in selected_slots(cfg.lora, family)}
-    name = cfg.output.name
-    lora = run / f"{name}.safetensors" if "lora" in modes.values() else None
-    full = {s.name: encoder_path(run / f"{name}_text_encoder.safetensors", s.encoder_attr)
-            for s, mode in modes.items() if mode == "full"}
-    return lora, full
-
-
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
              log: Callable[[str], None] = print) -> RunWeights:
     """Read a run folder: its config and the weights of its final output or of a checkpoint."""
@@ -83,9 +70,10 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
                         "of a training run (it needs config.yaml to know the base model)")
     cfg = load_config(run / "config.yaml")
     if checkpoint is None:
+        from tc_lite.export.trained import result_paths
         from tc_lite.families import family_for
 
-        lora_file, full_files = final_files(run, cfg, family_for(cfg.model))
+        lora_file, full_files = result_paths(cfg, family_for(cfg.model), run)
         wanted = ([lora_file] if lora_file else []) + list(full_files.values())
         if all(p.is_file() for p in wanted):
             return _from_files(run, cfg, lora_file, full_files)

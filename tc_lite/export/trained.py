@@ -43,29 +43,43 @@ def run_lora_metadata(cfg: Any, lora: Mapping[str, torch.Tensor], *, output_name
         extra={"tc_lite_config": json.dumps(cfg.to_dict()), "tc_lite_encoders": per_encoder, **(extra or {})})
 
 
-def export_trained(adapters: Any, family: Any, cfg: Any, *, steps: int, precision: str, started_at: float | None,
-                   path: Path | None = None, log: Callable[[str], None] = print) -> Path:
-    """Write the run's result and return its path: `<output.dir>/<output.name>.safetensors` when anything trained
-    as a LoRA, else the (first) full encoder's file. `path` replaces that first file's path; full encoders beside
-    a LoRA then go to `<path stem>_text_encoder[_2].safetensors`."""
+def result_paths(cfg: Any, family: Any, out_dir: str | Path | None = None,
+                 path: Path | None = None) -> tuple[Path | None, dict[str, Path]]:
+    """Where `export_trained` writes a run's result: (the kohya file, None when no slot trains as a LoRA;
+    {slot: encoder file} of the slots trained in full), from the `lora` section. `out_dir` replaces
+    `output.dir` (a moved run folder); `path` the first file (the held-out best), as in `export_trained`."""
+    from tc_lite.adapters import encoder_settings, selected_slots
     from tc_lite.export.encoder import encoder_path
 
+    modes = {s: encoder_settings(cfg.lora, s.name)["mode"] for s in selected_slots(cfg.lora, family)}
+    loras = "lora" in modes.values()
+    kohya = path or Path(out_dir or cfg.output.dir) / f"{cfg.output.name}.safetensors"
+    first = path if path is not None and not loras else kohya.with_name(f"{kohya.stem}_text_encoder.safetensors")
+    return (kohya if loras else None), {s.name: encoder_path(first, s.encoder_attr)
+                                        for s, mode in modes.items() if mode == "full"}
+
+
+def export_trained(adapters: Any, family: Any, cfg: Any, *, steps: int, precision: str, started_at: float | None,
+                   path: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Write the run's result (see `result_paths`) and return its path: `<output.dir>/<output.name>.safetensors`
+    when anything trained as a LoRA, else the (first) full encoder's file. `path` replaces that first file's path;
+    full encoders beside a LoRA then go to `<path stem>_text_encoder[_2].safetensors`."""
     dtype = save_dtype_of(cfg.output.save_precision)
-    written: list[Path] = []
+    kohya_dest, full_dests = result_paths(cfg, family, path=path)
     loras = [a for a in adapters if a.kind == "lora"]
-    kohya_dest = path or Path(cfg.output.dir) / f"{cfg.output.name}.safetensors"
-    if loras:
+    if {a.key for a in adapters if a.kind == "full"} != set(full_dests) or bool(loras) != (kohya_dest is not None):
+        raise ValueError(f"export: the adapters ({adapters.describe()}) are not the ones the lora section asks for")
+    written: list[Path] = []
+    if kohya_dest is not None:
         tensors = {k: v for a in loras for k, v in a.kohya_tensors().items()}
         meta = run_lora_metadata(cfg, tensors, output_name=cfg.output.name, steps=steps, precision=precision,
                                  base_model_version=family.kohya_base_model_version, started_at=started_at)
         written.append(write_kohya(tensors, kohya_dest, metadata=meta, save_dtype=dtype))
         if warning := a1111_warning(tensors):
             log(warning)
-    first = (path if path is not None and not loras
-             else kohya_dest.with_name(f"{kohya_dest.stem}_text_encoder.safetensors"))
     for a in adapters:
         if a.kind == "full":
-            written.append(_export_full(a, cfg, steps, dtype, encoder_path(first, a.slot.encoder_attr), log))
+            written.append(_export_full(a, cfg, steps, dtype, full_dests[a.key], log))
     return written[0]
 
 
