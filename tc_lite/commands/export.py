@@ -188,7 +188,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="the run's output.dir (holds config.yaml)")
     p.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
     p.add_argument("--out", help="output file (kohya, merged) or folder (peft, diffusers; merged to a folder "
-                                 "gives config.json + model.safetensors)")
+                                 "gives config.json + model.safetensors). SDXL merged: te2 goes beside te1 with "
+                                 "diffusers' _2 suffix, or into DIR/text_encoder_2/")
     p.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"],
                    help="weights dtype (default fp16 for LoRAs, fp32 for merged: fp16 can erase small updates)")
     p.add_argument("--checkpoint", help="export this RUN_DIR/checkpoints/step_NNNNNN.pt instead of the final output")
