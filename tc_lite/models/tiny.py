@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tc_lite.conditioning import Cond
+from tc_lite.families.base import ModelFamily
 from tc_lite.models._cache import atomic_file, cache_root
 from tc_lite.models.components import SDComponents
 from tc_lite.models.tokenizer import clip_tokenizer
@@ -145,7 +148,9 @@ def build_tiny_components(seed: int = 0, pretrain: bool = True) -> SDComponents:
         components = _build_random()
     components.source = "tiny"
     if pretrain:
-        _load_or_pretrain(components, seed)
+        from tc_lite.families.sd1 import SD1
+
+        load_or_pretrain(components, tiny_cache_path(seed), seed, SD1(), _TRAIN)
     for module in (components.text_encoder, components.unet, components.vae):
         module.eval()
     return components
@@ -167,17 +172,18 @@ def _build_random() -> SDComponents:
 # ---- cache -------------------------------------------------------------------------------------------------------
 
 
-def _load_or_pretrain(components: SDComponents, seed: int) -> None:
-    """Load the cached weights for this spec, pretraining and caching them first if needed (atomic write)."""
+def load_or_pretrain(components: SDComponents, path: Path, seed: int, family: ModelFamily,
+                     train: Mapping[str, Any]) -> None:
+    """Load the cached weights at `path`, pretraining (`train` settings, conditioning by `family`) and caching them
+    first if needed (atomic write). Shared by the tiny SD1 and SDXL models."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    path = tiny_cache_path(seed)
     if not path.is_file():
         wall, cpu = time.perf_counter(), time.process_time()
-        stats = _pretrain(components, seed)
+        stats = _pretrain(components, seed, family, train)
         stats |= {"seconds": round(time.perf_counter() - wall, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
-        log.info("pretrained the tiny model (cached in %s): %s", path, stats)
+        log.info("pretrained the tiny %s model (cached in %s): %s", family.name, path, stats)
         tensors = {
             f"{name}.{key}": value.detach().contiguous()
             for name, module in _modules(components)
@@ -195,7 +201,8 @@ def _load_or_pretrain(components: SDComponents, seed: int) -> None:
 
 
 def _modules(c: SDComponents) -> list[tuple[str, torch.nn.Module]]:
-    return [("text_encoder", c.text_encoder), ("unet", c.unet), ("vae", c.vae)]
+    named = [("text_encoder", c.text_encoder), ("text_encoder_2", c.text_encoder_2), ("unet", c.unet), ("vae", c.vae)]
+    return [(name, module) for name, module in named if module is not None]
 
 
 # ---- the synthetic task ------------------------------------------------------------------------------------------
@@ -239,7 +246,7 @@ def synthetic_dataset() -> tuple[torch.Tensor, torch.Tensor]:
     return synthetic_images(pid, offsets.repeat(len(tiny_prompts()), 1)), pid
 
 
-def _pretrain(c: SDComponents, seed: int) -> dict[str, float]:
+def _pretrain(c: SDComponents, seed: int, family: ModelFamily, train: Mapping[str, Any]) -> dict[str, float]:
     """Train the VAE, then the UNet (and text encoder); returns the final losses. Uses a private, seeded RNG.
 
     Runs on one CPU thread: the ops are too small to gain from more (on a 2-core box one UNet step took 120 ms on
@@ -249,30 +256,31 @@ def _pretrain(c: SDComponents, seed: int) -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _pretrain_steps(c, images, pid, seed)
+        return _pretrain_steps(c, images, pid, seed, family, train)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain_steps(c: SDComponents, images: torch.Tensor, pid: torch.Tensor, seed: int) -> dict[str, float]:
+def _pretrain_steps(c: SDComponents, images: torch.Tensor, pid: torch.Tensor, seed: int, family: ModelFamily,
+                    train: Mapping[str, Any]) -> dict[str, float]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         g = torch.Generator().manual_seed(seed + 2)
-        stats = {"vae_loss": _train_vae(c.vae, images, g)}
+        stats = {"vae_loss": _train_vae(c.vae, images, g, train)} if train["vae_steps"] else {}
         with torch.no_grad():
             latents = c.vae.encode(images).latent_dist.mean * c.vae.config.scaling_factor
-        stats["unet_loss"] = _train_unet(c, latents, pid, g)
-    for m in (c.text_encoder, c.unet, c.vae):
+        stats["unet_loss"] = _train_unet(c, latents, pid, g, family, train)
+    for _, m in _modules(c):
         m.zero_grad(set_to_none=True)
     return stats
 
 
-def _train_vae(vae: torch.nn.Module, images: torch.Tensor, g: torch.Generator) -> float:
-    bs, kl_weight = _TRAIN["batch_size"], _TRAIN["vae_kl_weight"]
+def _train_vae(vae: torch.nn.Module, images: torch.Tensor, g: torch.Generator, train: Mapping[str, Any]) -> float:
+    bs, kl_weight = train["batch_size"], train["vae_kl_weight"]
     vae.train()
-    opt = torch.optim.Adam(vae.parameters(), lr=_TRAIN["vae_lr"], fused=True)
+    opt = torch.optim.Adam(vae.parameters(), lr=train["vae_lr"], fused=True)
     ema = None
-    for _ in range(_TRAIN["vae_steps"]):
+    for _ in range(train["vae_steps"]):
         x = images[torch.randint(0, len(images), (bs,), generator=g)]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
@@ -288,34 +296,61 @@ def _train_vae(vae: torch.nn.Module, images: torch.Tensor, g: torch.Generator) -
     return round(ema, 5)
 
 
-def _train_unet(c: SDComponents, latents: torch.Tensor, pid: torch.Tensor, g: torch.Generator) -> float:
+def _unet_schedule(opt: torch.optim.Optimizer, train: Mapping[str, Any]) -> Any:
+    """SD1's constant learning rate, or (`unet_schedule: onecycle`) a warmup and cosine decay, which lets the tiny
+    SDXL's shorter recipe use a larger peak rate."""
+    if train.get("unet_schedule") == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train["unet_lr"], total_steps=train["unet_steps"],
+                                                   pct_start=0.15)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _conditioning(family: ModelFamily, c: SDComponents, prompts: list[str]) -> Cond:
+    """Rows: every prompt, then the unconditional one, made by the family exactly as sampling makes them.
+
+    Where the unconditional is just the encoded "" (SD1) it is encoded in the same batch: one call, as the recipe
+    that made the cached SD1 weights did (two calls round differently, and the weights would drift from the cache).
+    """
+    size = (TINY_RESOLUTION, TINY_RESOLUTION)
+    if type(family).uncond is ModelFamily.uncond:
+        return family.encode(c, prompts + [""], size=size)
+    return Cond.cat(family.encode(c, prompts, size=size), family.uncond(c, "", size=size))
+
+
+def _train_unet(c: SDComponents, latents: torch.Tensor, pid: torch.Tensor, g: torch.Generator, family: ModelFamily,
+                train: Mapping[str, Any]) -> float:
     prompts = tiny_prompts()
-    bs, empty = _TRAIN["batch_size"], len(prompts)  # index `empty` is the "" prompt
-    ids = c.tokenizer(prompts + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    train_te = _TRAIN["train_text_encoder"]
-    params = list(c.unet.parameters()) + (list(c.text_encoder.parameters()) if train_te else [])
-    c.text_encoder.train(train_te)
+    bs, empty = train["batch_size"], len(prompts)  # row `empty` of the conditioning is the unconditional one
+    train_te = train["train_text_encoder"]
+    encoders = list(family.encoders(c).values())
+    params = list(c.unet.parameters()) + ([p for e in encoders for p in e.parameters()] if train_te else [])
+    for encoder in encoders:
+        encoder.train(train_te)
     c.unet.train()
     with torch.no_grad():
-        fixed_emb = c.text_encoder(ids.input_ids)[0]
-    opt = torch.optim.Adam(params, lr=_TRAIN["unet_lr"], fused=True)
+        fixed = _conditioning(family, c, prompts)
+    opt = torch.optim.Adam(params, lr=train["unet_lr"], fused=True)
+    schedule = _unet_schedule(opt, train)
     alphas = c.scheduler.alphas_cumprod
     ema = None
-    for _ in range(_TRAIN["unet_steps"]):
+    for _ in range(train["unet_steps"]):
         idx = torch.randint(0, len(latents), (bs,), generator=g)
-        drop = torch.rand(bs, generator=g) < _TRAIN["empty_prompt_fraction"]
-        cond = torch.where(drop, torch.full_like(idx, empty), pid[idx])
-        emb = c.text_encoder(ids.input_ids)[0] if train_te else fixed_emb
-        t = (len(alphas) * torch.rand(bs, generator=g) ** _TRAIN["timestep_power"]).long()
+        drop = torch.rand(bs, generator=g) < train["empty_prompt_fraction"]
+        rows = torch.where(drop, torch.full_like(idx, empty), pid[idx])
+        cond = (_conditioning(family, c, prompts) if train_te else fixed).select(rows)
+        t = (len(alphas) * torch.rand(bs, generator=g) ** train["timestep_power"]).long()
         noise = torch.randn(latents[idx].shape, generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(c.unet(a.sqrt() * latents[idx] + (1 - a).sqrt() * noise, t, emb[cond]).sample, noise)
+        noisy = a.sqrt() * latents[idx] + (1 - a).sqrt() * noise
+        loss = F.mse_loss(c.unet(noisy, t, cond.hidden, added_cond_kwargs=cond.added).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
     c.unet.eval()
-    c.text_encoder.eval()
+    for encoder in encoders:
+        encoder.eval()
     return round(ema, 5)
 
 

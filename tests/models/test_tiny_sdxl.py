@@ -65,3 +65,112 @@ def test_random_build_is_seeded_and_leaves_global_rng_alone():
     for m in ("text_encoder_2", "unet"):
         sa, sb = getattr(a, m).state_dict(), getattr(b, m).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---- pretrained: the model follows the prompt ---------------------------------------------------------------------
+
+# Sampled mean colours must differ by at least this much (the data's own difference is 0.25: a quarter-area square).
+COLOUR_MARGIN = 0.10
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl() -> SDComponents:
+    return build_tiny_sdxl_components()
+
+
+@torch.no_grad()
+def euler_sample(c: SDComponents, prompts: list[str], steps: int = 10, guidance: float = 4.0, seed: int = 0):
+    """Images in [0, 1]: SDXL's Euler sampler with classifier-free guidance against the family's unconditional
+    embedding (zeros for the empty negative prompt), as `StableDiffusionXLPipeline` samples."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler.from_config(c.scheduler.config)
+    scheduler.set_timesteps(steps)
+    family = SDXL()
+    cond = family.encode(c, prompts)
+    both = cond.cat(family.uncond(c, "").expand(len(prompts)), cond)
+    size = c.unet.config.sample_size
+    shape = (len(prompts), c.latent_channels, size, size)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        eps_u, eps_c = c.unet(x, t, both.hidden, added_cond_kwargs=both.added).sample.chunk(2)
+        latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+    images = c.vae.decode(latents / c.vae.config.scaling_factor).sample
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+def test_prompts_change_the_image_colour(tiny_sdxl):
+    """Euler 10 steps, CFG 4, eight seeds (same noise for every prompt): the mean colour of the decoded images
+    follows the colour word, for red, green and blue squares."""
+    means = {c: euler_sample(tiny_sdxl, [f"a {c} square"] * 8, seed=11).mean((0, 2, 3)) for c in ("red", "green", "blue")}
+    r, g, b = means["red"], means["green"], means["blue"]
+    assert r[0] - b[0] > COLOUR_MARGIN and b[2] - r[2] > COLOUR_MARGIN, (r, b)
+    assert g[1] - r[1] > COLOUR_MARGIN and g[1] - b[1] > COLOUR_MARGIN, (r, g, b)
+    for colour, channel in (("red", 0), ("green", 1), ("blue", 2)):
+        assert int(means[colour].argmax()) == channel, (colour, means[colour])
+
+
+def test_both_conditioning_paths_carry_the_colour(tiny_sdxl):
+    """A te1 or te2 LoRA moves the hidden states, te2's also the pooled embedding: the UNet must listen to each."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([800])
+    with torch.no_grad():
+        red, blue = (SDXL().encode(tiny_sdxl, [p]) for p in ("a red square", "a blue square"))
+        eps = lambda cond: tiny_sdxl.unet(z, t, cond.hidden, added_cond_kwargs=cond.added).sample  # noqa: E731
+        base = eps(red)
+        hidden_only = eps(type(red)(blue.hidden, red.added))
+        pooled_only = eps(type(red)(red.hidden, {**red.added, "text_embeds": blue.added["text_embeds"]}))
+    for other in (hidden_only, pooled_only):
+        assert (base - other).norm() / base.norm() > 0.02
+
+
+def test_cached_and_deterministic(tiny_sdxl):
+    from tc_lite.models.tiny_sdxl import tiny_sdxl_cache_path
+
+    assert tiny_sdxl_cache_path(0).is_file()
+    again = build_tiny_sdxl_components()
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        sa, sb = getattr(tiny_sdxl, name).state_dict(), getattr(again, name).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert again.vae.config.scaling_factor == tiny_sdxl.vae.config.scaling_factor
+    assert again.vae.config.force_upcast is False
+
+
+def test_pretraining_conditions_through_the_family(tmp_path, monkeypatch):
+    """A few steps of the real recipe, twice: identical weights, the unconditional rows made by `SDXL.uncond`
+    (zeros, as diffusers samples); then the cache file is used instead of training."""
+    import tc_lite.models.tiny as tiny_module
+    import tc_lite.models.tiny_sdxl as sdxl_module
+    from tc_lite.families import sdxl as sdxl_family
+
+    monkeypatch.setenv("TC_LITE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_module, "_TRAIN", {**tiny_module._TRAIN, "vae_steps": 2, "unet_steps": 2, "batch_size": 4})
+    monkeypatch.setattr(sdxl_module, "_TRAIN", {**sdxl_module._TRAIN, "unet_steps": 2, "batch_size": 4})
+    uncond_rows = []
+    real_uncond = sdxl_family.SDXL.uncond
+
+    def spy(self, *args, **kwargs):
+        out = real_uncond(self, *args, **kwargs)
+        uncond_rows.append(out)
+        return out
+
+    monkeypatch.setattr(sdxl_family.SDXL, "uncond", spy)
+    first = build_tiny_sdxl_components(seed=5)
+    assert uncond_rows and all(not row.hidden.any() and not row.added["text_embeds"].any() for row in uncond_rows)
+    path = sdxl_module.tiny_sdxl_cache_path(5)
+    assert path.is_file() and path.parent.parent == tmp_path
+    assert set(first.extra["tiny_stats"]) >= {"unet_loss", "seconds"}
+    path.unlink()
+    second = build_tiny_sdxl_components(seed=5)
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        sa, sb = getattr(first, name).state_dict(), getattr(second, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("should have loaded the cache")
+
+    monkeypatch.setattr(tiny_module, "_pretrain", no_training)
+    third = build_tiny_sdxl_components(seed=5)
+    assert torch.equal(third.unet.add_embedding.linear_1.weight, first.unet.add_embedding.linear_1.weight)
