@@ -274,7 +274,7 @@ def _parse_kohya(sd: Mapping[str, torch.Tensor], source: str,
         raise UserError(
             f"{source}: {len(unknown)} key(s) are not text-encoder LoRA keys of this model ({shown}). tc-lite loads "
             f"only '{prefix}_text_model_encoder_layers_N_<module>.(lora_down.weight|lora_up.weight|alpha)'; "
-            "use a text-encoder LoRA written by tc-lite (UNet and SDXL LoRAs are not supported here)."
+            "use a text-encoder LoRA written by tc-lite (UNet LoRAs are not supported here)."
         )
     if not groups:
         raise UserError(f"{source}: no LoRA weights found; pass a kohya-format text-encoder LoRA .safetensors file")
@@ -311,7 +311,7 @@ def load_kohya_state_dict(
         raise UserError(
             f"{source}: targets {', '.join(_hf_module_suffix(*k) for k in sorted(missing)[:5])} do not exist in this "
             f"text encoder ({text_encoder.config.num_hidden_layers if hasattr(text_encoder, 'config') else '?'} "
-            "layers); the LoRA was trained for a different base model (SD2/SDXL?). Use an SD1.x base."
+            "layers); the LoRA was trained for a different base model; use the base (SD1.x or SDXL) it was made for."
         )
 
     ranks = {int(parts["lora_down.weight"].shape[0]) for parts in groups.values()}
@@ -350,8 +350,8 @@ def load_kohya_state_dict(
             if tuple(down.shape) != tuple(a.shape) or tuple(up.shape) != tuple(b.shape):
                 raise UserError(
                     f"{source}: {_hf_module_suffix(*key)} has down {tuple(down.shape)} / up {tuple(up.shape)}, the "
-                    f"model expects {tuple(a.shape)} / {tuple(b.shape)}: different rank or base model (SD1.x "
-                    "needs hidden size 768). Match lora rank to the file, or use the base it was trained on."
+                    f"model expects {tuple(a.shape)} / {tuple(b.shape)}: different rank or base model (hidden "
+                    "size 768 for SD1.x and SDXL's te1, 1280 for SDXL's te2). Match lora rank to the file, or use the base it was trained on."
                 )
             a.copy_(down.to(a.dtype))
             b.copy_(up.to(b.dtype))

@@ -33,7 +33,10 @@ RUN_OUTPUTS: tuple[str, ...] = (
     ".write_test",                        # the writability probe, should a kill leave it
     "{name}.safetensors",                 # the final LoRA
     "{name}_text_encoder.safetensors",    # the final encoder (lora.mode=full)
+    "{name}_text_encoder_2.safetensors",  # SDXL: te2's final encoder when it trains in full
     "{name}_best.safetensors",            # the best held-out weights (eval.patience > 0)
+    "{name}_best_2.safetensors",          # SDXL, both encoders full: te2's best
+    "{name}_best_text_encoder*.safetensors",  # SDXL, a full encoder beside a LoRA: its best
     "samples/step_*.png",                 # sample grids
     "plots/reward.png", "plots/reward_parts.png", "plots/loss.png", "plots/eval.png",  # tc_lite.plots
     "tensorboard/events.out.tfevents.*",  # logging.tensorboard
@@ -41,7 +44,7 @@ RUN_OUTPUTS: tuple[str, ...] = (
 )
 """Every file a run writes, relative to ``output.dir`` (``{name}`` is ``output.name``; glob patterns)."""
 
-FINAL_FILES = ("{name}.safetensors", "{name}_text_encoder.safetensors")
+FINAL_FILES = ("{name}.safetensors", "{name}_text_encoder.safetensors", "{name}_text_encoder_2.safetensors")
 """Written last, by the export: either one marks the folder as holding a finished run."""
 
 _STEP_FILES = {"samples": re.compile(r"^step_(\d+)\.png$"), "checkpoints": re.compile(r"^step_(\d+)\.pt$")}

@@ -79,15 +79,13 @@ def run_result(cfg: Any, run: Path, best: bool = False) -> Any:
     """What `export_trained` wrote (its final result, or with `best` the held-out best), as one tuned source: the
     kohya file when everything trained as a LoRA; a fully trained encoder's file; slot -> file when several files
     make the model (SDXL encoders trained in full). None for a missing best; a UserError for a missing final."""
-    from tc_lite.adapters import encoder_settings, selected_slots
-    from tc_lite.export.encoder import encoder_path
+    from tc_lite.adapters import selected_slots
+    from tc_lite.export.trained import result_paths
     from tc_lite.families import family_for
 
-    slots = selected_slots(cfg.lora, family_for(cfg.model))
-    full = {s.name for s in slots if encoder_settings(cfg.lora, s.name)["mode"] == "full"}
-    kohya = run / f"{cfg.output.name}{'_best' if best else ''}.safetensors"
-    first = kohya if best and len(full) == len(slots) else kohya.with_name(f"{kohya.stem}_text_encoder.safetensors")
-    files = {s.name: encoder_path(first, s.encoder_attr) if s.name in full else kohya for s in slots}
+    family = family_for(cfg.model)
+    kohya, full = result_paths(cfg, family, run, path=run / f"{cfg.output.name}_best.safetensors" if best else None)
+    files = {s.name: full.get(s.name, kohya) for s in selected_slots(cfg.lora, family)}
     missing = sorted({str(f) for f in files.values() if not f.is_file()})
     if missing:
         if best:
