@@ -75,7 +75,7 @@ def _step_functions(r: Any, prompts: list[str], cfg: Any) -> tuple[dict[str, Cal
 
     def ours_sampling() -> torch.Tensor:  # text encoding + T UNet steps with CFG, latents out
         with torch.no_grad():
-            cond, uncond = r.encoder.tuned(prompts), r.encoder.tuned([s.negative_prompt])
+            cond, uncond = r.encoder.tuned(prompts), r.encoder.uncond_tuned(s.negative_prompt)
             return r.renderer.latents(seeds, early=cond, uncond_early=uncond)
 
     pipe = _diffusers_pipeline(r)
@@ -194,14 +194,22 @@ def speed_report(cfg: Any, model: str | None = None, repeats: int = 3,
 
 
 def _diffusers_pipeline(r: Any) -> Any:
-    """diffusers' pipeline on the recipe's own modules (the first text-encoder slot: an SD1 pipeline)."""
-    from diffusers import StableDiffusionPipeline
+    """diffusers' pipeline of the family (SD1: `StableDiffusionPipeline`, SDXL: `StableDiffusionXLPipeline`) on
+    the recipe's own modules."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     comps, scheduler = r.components, r.renderer.denoiser.scheduler
-    slot = r.family.slots[0]
-    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=slot.encoder(comps), tokenizer=slot.tokenizer(comps),
-                                   unet=comps.unet, scheduler=type(scheduler).from_config(scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    shared = dict(vae=comps.vae, unet=comps.unet, scheduler=type(scheduler).from_config(scheduler.config))
+    slots = r.family.slots
+    if r.family.name == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            text_encoder=slots[0].encoder(comps), tokenizer=slots[0].tokenizer(comps),
+            text_encoder_2=slots[1].encoder(comps), tokenizer_2=slots[1].tokenizer(comps),
+            force_zeros_for_empty_prompt=comps.extra.get("force_zeros_for_empty_prompt", True), **shared)
+    else:
+        pipe = StableDiffusionPipeline(text_encoder=slots[0].encoder(comps), tokenizer=slots[0].tokenizer(comps),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                       **shared)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
