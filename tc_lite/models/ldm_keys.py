@@ -1,4 +1,5 @@
-"""Diffusers -> original LDM ("A1111 single-file") key names for SD1.x, and telling checkpoint families apart by keys.
+"""Diffusers -> original LDM ("A1111 single-file") key names for SD1.x and SDXL (SGM), and telling checkpoint
+families apart by keys.
 
 Written from the two layouts, not from a converter, so that saving the tiny model as a single file and loading it
 back through diffusers' `from_single_file` really tests our loader. It covers the module kinds SD1.x uses: ResNet
@@ -9,6 +10,14 @@ LDM layout in brief (UNet, `L` = layers_per_block):
   input_blocks.0.0 = conv_in; per level b, layer j: input_blocks.{1+b(L+1)+j}.{0 resnet | 1 attention};
   the level's downsampler is input_blocks.{1+b(L+1)+L}.0.op; middle_block.{0,2} resnets, .1 attention;
   output_blocks.{b(L+1)+j}.{0 resnet | 1 attention}, the level's upsampler at .{1 or 2}.conv after them.
+
+SDXL's original (SGM) file keeps that UNet layout (levels without attention simply have no `.1`; SDXL's added
+embedding MLP is `label_emb.0.{0,2}`) and the VAE's, and stores its two text encoders as "embedders":
+  conditioner.embedders.0.transformer.text_model.*  CLIP ViT-L, in transformers' own names (as SD1's);
+  conditioner.embedders.1.model.*                   OpenCLIP bigG, in OpenCLIP's names: token_embedding.weight,
+      positional_embedding, transformer.resblocks.N.{ln_1, attn.in_proj_weight/bias (q, k, v stacked),
+      attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_final, and text_projection as a [hidden, proj] matrix
+      (x @ P: the transpose of transformers' Linear weight).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -29,6 +40,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text + size-ids MLP
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -40,6 +53,8 @@ _UNET_RESNET = {
 }
 _VAE_TOP = {"conv_norm_out": "norm_out"}  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
 def _rename_head(rest: str, table: dict[str, str]) -> str:
@@ -78,7 +93,7 @@ def unet_key(key: str, config: Any) -> str:
         b = int(m[1])
         slot = 2 if "CrossAttn" in config["up_block_types"][b] else 1  # after the attention, if the level has one
         return f"output_blocks.{b * per_level + per_level - 1}.{slot}.conv.{m[2]}"
-    raise KeyError(f"no LDM name for UNet key {key!r} (a module kind SD1.x does not use)")
+    raise KeyError(f"no LDM name for UNet key {key!r} (a module kind SD1.x and SDXL do not use)")
 
 
 def vae_key(key: str, config: Any) -> str:
@@ -106,8 +121,33 @@ def clip_key(key: str) -> str:
     return key.removeprefix("text_model.")
 
 
-def ldm_state_dict(components: Any) -> dict[str, torch.Tensor]:
-    """The SD1 pipeline's weights under original LDM names, as A1111/ComfyUI/`from_single_file` expect them."""
+def open_clip_state_dict(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A `CLIPTextModelWithProjection`'s weights in OpenCLIP's text-tower names (without prefix), as SDXL's SGM file
+    stores its second encoder: q/k/v stacked into one `in_proj`, the projection transposed."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, v in encoder.state_dict().items():
+        key = key.removeprefix("text_model.")  # present in transformers 5.x for the projection model; may go
+        if m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = v
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key):
+            out[f"transformer.resblocks.{m[1]}.{_rename_head(m[2], _OPEN_CLIP_LAYER)}"] = v
+        elif key == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif key == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = v  # a bare parameter in OpenCLIP, no `.weight`
+        elif key.startswith("final_layer_norm."):
+            out["ln_final." + key.removeprefix("final_layer_norm.")] = v
+        elif key == "text_projection.weight":
+            out["text_projection"] = v.T  # OpenCLIP computes x @ P with P [hidden, proj]; Linear stores [proj, hidden]
+        else:
+            raise KeyError(f"no OpenCLIP name for text-encoder key {key!r}")
+    for (layer, kind), parts in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def _unet_and_vae(components: Any) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for k, v in components.unet.state_dict().items():
         out[UNET_PREFIX + unet_key(k, components.unet.config)] = v
@@ -116,8 +156,24 @@ def ldm_state_dict(components: Any) -> dict[str, torch.Tensor]:
         if ".mid.attn_1." in name and name.endswith("weight") and v.ndim == 2:
             v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         out[VAE_PREFIX + name] = v
+    return out
+
+
+def ldm_state_dict(components: Any) -> dict[str, torch.Tensor]:
+    """The SD1 pipeline's weights under original LDM names, as A1111/ComfyUI/`from_single_file` expect them."""
+    out = _unet_and_vae(components)
     for k, v in components.text_encoder.state_dict().items():
         out[CLIP_PREFIX + clip_key(k)] = v
+    return out
+
+
+def sdxl_ldm_state_dict(components: Any) -> dict[str, torch.Tensor]:
+    """The SDXL pipeline's weights under the original SGM names (`sd_xl_base_1.0.safetensors`' layout)."""
+    out = _unet_and_vae(components)
+    for k, v in components.text_encoder.state_dict().items():
+        out[SDXL_CLIP_PREFIX + clip_key(k)] = v
+    for k, v in open_clip_state_dict(components.text_encoder_2).items():
+        out[SDXL_OPEN_CLIP_PREFIX + k] = v
     return out
 
 

@@ -158,3 +158,36 @@ def _build_random() -> SDComponents:
         source=TINY_SDXL_SOURCE,
         extra={"force_zeros_for_empty_prompt": True},
     )
+
+
+def save_tiny_sdxl_model(out_dir: Path, single_file: Path | None = None, *,
+                         components: SDComponents | None = None) -> None:
+    """Write the tiny SDXL as a diffusers folder (`StableDiffusionXLPipeline`, `force_zeros_for_empty_prompt`) and,
+    optionally, as an SGM single-file checkpoint (A1111/ComfyUI layout).
+
+    `components` lets a caller save a model it already built (default: `build_tiny_sdxl_components()`).
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from tc_lite.models._cache import atomic_file
+    from tc_lite.models.ldm_keys import sdxl_ldm_state_dict
+
+    c = components or build_tiny_sdxl_components()
+    pipe = StableDiffusionXLPipeline(
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        text_encoder_2=c.text_encoder_2,
+        tokenizer=c.tokenizer,
+        tokenizer_2=c.tokenizer_2,
+        unet=c.unet,
+        scheduler=c.scheduler,
+        force_zeros_for_empty_prompt=bool(c.extra.get("force_zeros_for_empty_prompt", True)),
+        add_watermarker=False,  # needs the invisible-watermark package; SDXL base's model_index says null
+    )
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    if single_file is not None:
+        tensors = {k: v.contiguous() for k, v in sdxl_ldm_state_dict(c).items()}
+        meta = {"format": "pt", "tc_lite": TINY_SDXL_VERSION}
+        Path(single_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_file(Path(single_file), lambda tmp: save_file(tensors, str(tmp), metadata=meta))

@@ -174,3 +174,78 @@ def test_pretraining_conditions_through_the_family(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny_module, "_pretrain", no_training)
     third = build_tiny_sdxl_components(seed=5)
     assert torch.equal(third.unet.add_embedding.linear_1.weight, first.unet.add_embedding.linear_1.weight)
+
+
+# ---- saving: a diffusers folder and an SGM single file that diffusers loads back -----------------------------------
+
+_MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_saved(tiny_sdxl, tmp_path_factory):
+    from tc_lite.models.tiny_sdxl import save_tiny_sdxl_model
+
+    root = tmp_path_factory.mktemp("tiny_sdxl_saved")
+    folder, single = root / "tiny-sdxl", root / "tiny-sdxl.safetensors"
+    save_tiny_sdxl_model(folder, single, components=tiny_sdxl)
+    return folder, single
+
+
+def _assert_same_weights(ours: SDComponents, pipe) -> None:
+    for name in _MODULES:
+        a, b = getattr(ours, name).state_dict(), getattr(pipe, name).state_dict()
+        assert a.keys() == b.keys(), name
+        different = [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k].to(a[k].dtype))]
+        assert not different, (name, different[:5])
+
+
+def test_single_file_loads_back_through_diffusers(tiny_sdxl, tiny_sdxl_saved):
+    """Every weight of the five modules survives the SGM layout: te2's q/k/v split from the fused in_proj at its
+    hidden width and its [hidden, proj] projection transposed back (64 != 32 here, so either mistake would show)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder, single = tiny_sdxl_saved
+    pipe = StableDiffusionXLPipeline.from_single_file(str(single), config=str(folder), local_files_only=True)
+    _assert_same_weights(tiny_sdxl, pipe)
+    assert pipe.vae.config.scaling_factor == tiny_sdxl.vae.config.scaling_factor
+    assert pipe.config.force_zeros_for_empty_prompt is True
+    assert pipe.tokenizer_2.pad_token == "!" and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_folder_loads_through_from_pretrained(tiny_sdxl, tiny_sdxl_saved):
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+
+    folder, _ = tiny_sdxl_saved
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)
+    _assert_same_weights(tiny_sdxl, pipe)
+    assert pipe.vae.config.force_upcast is False and pipe.tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_single_file_has_sgm_names(tiny_sdxl, tiny_sdxl_saved):
+    from safetensors import safe_open
+
+    from tc_lite.models.ldm_keys import checkpoint_family
+
+    with safe_open(str(tiny_sdxl_saved[1]), "pt") as f:
+        keys = set(f.keys())
+        projection = f.get_tensor("conditioner.embedders.1.model.text_projection")
+    assert checkpoint_family(keys) == "sdxl"
+    te2 = tiny_sdxl.text_encoder_2.config
+    assert tuple(projection.shape) == (te2.hidden_size, te2.projection_dim)
+    for key in (
+        "model.diffusion_model.label_emb.0.0.weight",
+        "model.diffusion_model.label_emb.0.2.bias",
+        "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight",
+        "model.diffusion_model.middle_block.1.transformer_blocks.1.attn1.to_q.weight",
+        "model.diffusion_model.output_blocks.1.2.conv.weight",  # the upsampler after the level's attention
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight",
+        "conditioner.embedders.1.model.positional_embedding",
+        "first_stage_model.decoder.mid.attn_1.q.weight",
+    ):
+        assert key in keys, key
+    assert not any(k.startswith("model.diffusion_model.input_blocks.1.1.") for k in keys)  # no first-level attention
