@@ -37,12 +37,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from .models import save_tiny_model
+    from .models import save_tiny_model, save_tiny_sdxl_model
 
     out = Path(args.out_dir)
     single = Path(args.single_file) if args.single_file else None
-    save_tiny_model(out, single_file=single)
-    print(f"tiny model saved to {out}" + (f" and {single}" if single else ""))
+    save = save_tiny_sdxl_model if args.family == "sdxl" else save_tiny_model
+    save(out, single_file=single)
+    print(f"tiny {args.family} model saved to {out}" + (f" and {single}" if single else ""))
     return 0
 
 
@@ -53,7 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train)
     m = sub.add_parser("tiny-model", help="save the tiny built-in pipeline as a diffusers folder (for tests and demos)")
     m.add_argument("out_dir")
-    m.add_argument("--single-file", help="also write an A1111-style single-file .safetensors checkpoint here")
+    m.add_argument("--single-file", help="also write an A1111-style single-file .safetensors checkpoint here "
+                                        "(SD1: LDM layout; SDXL: SGM layout)")
+    m.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                   help="sd1: the tiny SD1 pipeline (default); sdxl: the tiny SDXL one (two text encoders)")
     m.set_defaults(func=_tiny_model)
 
 

@@ -1,4 +1,4 @@
-"""Loading SD1.x pipelines (hub id, diffusers folder, single file) and the tiny built-in model.
+"""Loading SD1.x/SDXL pipelines (hub id, diffusers folder, single file) and the tiny built-in models.
 
 Names are resolved lazily so that importing `tc_lite.models.components` (e.g. from config validation) does not pay
 for importing diffusers and transformers.
@@ -22,7 +22,10 @@ _EXPORTS = {
     "TINY_COLOURS": "tc_lite.models.tiny",
     "TINY_OBJECTS": "tc_lite.models.tiny",
     "TINY_RESOLUTION": "tc_lite.models.tiny",
+    "build_tiny_sdxl_components": "tc_lite.models.tiny_sdxl",
+    "save_tiny_sdxl_model": "tc_lite.models.tiny_sdxl",
     "ldm_state_dict": "tc_lite.models.ldm_keys",
+    "sdxl_ldm_state_dict": "tc_lite.models.ldm_keys",
 }
 
 __all__ = ["SDComponents", *_EXPORTS]

@@ -249,3 +249,20 @@ def test_single_file_has_sgm_names(tiny_sdxl, tiny_sdxl_saved):
     ):
         assert key in keys, key
     assert not any(k.startswith("model.diffusion_model.input_blocks.1.1.") for k in keys)  # no first-level attention
+
+
+def test_cli_tiny_model_family(tmp_path, tiny_sdxl, capsys):
+    """`python -m tc_lite tiny-model OUT --single-file F --family sdxl` (the `tiny_sdxl` fixture has cached the
+    weights); without --family it stays the SD1 model."""
+    from tc_lite.cli import build_parser, main
+    from tc_lite.models.ldm_keys import checkpoint_family
+
+    assert build_parser().parse_args(["tiny-model", "out"]).family == "sd1"
+    out, single = tmp_path / "folder", tmp_path / "tiny-sdxl.safetensors"
+    assert main(["tiny-model", str(out), "--single-file", str(single), "--family", "sdxl"]) == 0
+    assert "tiny sdxl model saved" in capsys.readouterr().out
+    assert (out / "text_encoder_2" / "config.json").is_file() and (out / "tokenizer_2").is_dir()
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        assert checkpoint_family(f.keys()) == "sdxl"
