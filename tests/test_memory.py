@@ -287,19 +287,53 @@ def test_plan_that_cannot_fit_says_what_to_change(tmp_path):
     assert apply_memory_plan(manual, log=lambda s: None) is manual
 
 
+@pytest.mark.parametrize("blocks_save,vram,expect", [
+    (2.0, 5.0, ("cpu", True)),  # block checkpointing is what makes it fit: kept
+    (0.0, 6.5, ("sequential", False)),  # it saves nothing (SD1.5: the VAE's backward is the peak): dropped
+])
+def test_plan_uses_block_checkpointing_only_where_it_pays(tmp_path, blocks_save, vram, expect):
+    cfg = tiny_cfg(tmp_path, "memory.device=auto", "train.batch_size=1", "train.grad_accum=1", "memory.plan=auto")
+
+    def estimate(c):
+        m = c.memory
+        gib = (10.0 - 1.0 * (c.rewards.offload != "none") - 1.5 * m.checkpoint_vae - 2.0 * m.checkpoint_unet
+               - blocks_save * m.checkpoint_unet_blocks - 0.5 * (c.rewards.offload == "sequential"))
+        return type("E", (), {"to_dict": lambda self: {"peak_bytes": int(gib * GiB), "peak_phase": "x"}})()
+
+    plan = plan_memory(cfg, vram, estimator=estimate, use_cache=False)
+    assert plan.fits and plan.peak <= budget_bytes(vram)
+    assert (plan.config.rewards.offload, plan.config.memory.checkpoint_unet_blocks) == expect
+    assert any("checkpoint_unet_blocks" in r for r in plan.reasons) == expect[1]
+
+
 def test_ladder_keeps_effective_batch_for_odd_sizes(tmp_path):
     rungs = ladder(tiny_cfg(tmp_path, "train.batch_size=3", "train.grad_accum=1"))
-    assert [(r.batch_size, r.grad_accum) for r in rungs[3:]] == [(3, 1), (1, 3), (1, 3)]
+    assert [(r.batch_size, r.grad_accum) for r in rungs[3:]] == [(3, 1), (1, 3), (1, 3), (1, 3)]
+    assert [r.checkpoint_unet_blocks for r in rungs] == [False] * 5 + [True] * 2  # after the batch is at its least
     assert rungs[-1].offload == "sequential"
 
 
 STATED = sorted(p.name for p in (ROOT / "presets").glob("*.yaml") if "peak of one step" in p.read_text())
 
 
+_ESTIMATES: dict[str, object] = {}
+
+
+def estimate_once(cfg):
+    """One estimate per distinct configuration for the whole session, keyed as the planner's cache keys them:
+    presets, planner rungs and the SDXL tests share them (a full-size SD1.5 estimate takes ~10 s, SDXL ~60 s)."""
+    from tc_lite.memory.plan import _cache_key
+
+    key = _cache_key(cfg)
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = estimate_memory(cfg)
+    return _ESTIMATES[key]
+
+
 @functools.lru_cache(maxsize=None)
 def preset_estimate(name: str):
-    """One estimate per preset for the whole session (several tests read them; each takes ~10 s)."""
-    return estimate_memory(load_config(ROOT / "presets" / name))
+    """The estimate of a preset as written (see `estimate_once`)."""
+    return estimate_once(load_config(ROOT / "presets" / name))
 
 
 @pytest.mark.parametrize("name", STATED)

@@ -131,11 +131,51 @@ def read_architecture(cfg: Config, encoders: dict[str, str], bundled: Path, labe
     if folder is not None:
         parts = _read_folder(folder, encoders)
         if parts is not None:
-            return Architecture(*parts, source=str(folder), notes=notes)
+            return _with_vae(cfg, Architecture(*parts, source=str(folder), notes=notes))
         notes.append(f"{folder} has no readable unet/vae/text encoder configs: assumed the {label} architecture")
     parts = _read_folder(bundled, encoders)
     assert parts is not None, f"the bundled {label} configs are part of the package"
-    return Architecture(*parts, source=f"bundled {label} configs", notes=notes)
+    return _with_vae(cfg, Architecture(*parts, source=f"bundled {label} configs", notes=notes))
+
+
+# Published VAE configs' differences from the model's own VAE, for replacements not in the local cache: the
+# fp16-fix VAE is SDXL's architecture with `force_upcast: false` (it was finetuned to stay finite in fp16).
+KNOWN_VAES: dict[str, dict[str, Any]] = {"madebyollin/sdxl-vae-fp16-fix": {"force_upcast": False}}
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _with_vae(cfg: Config, arch: Architecture) -> Architecture:
+    """`model.vae`'s config in place of the model's (what decides `memory.vae_precision: auto`): from a VAE folder
+    or a cached hub snapshot; a single file carries none and keeps the model's (as `models.vae` loads it)."""
+    source = getattr(cfg.model, "vae", None)
+    if not source:
+        return arch
+    path = Path(str(source)).expanduser()
+    found: dict[str, Any] | None = None
+    if path.is_dir():
+        found = _json(path / "config.json") or _json(path / "vae" / "config.json")
+    elif not path.exists() and str(source).count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(source), "config.json")
+        except ImportError:
+            cached = None
+        found = _json(Path(cached)) if isinstance(cached, str) else None
+        if found is None and source in KNOWN_VAES:
+            found = {**arch.vae, **KNOWN_VAES[source]}
+            arch.notes.append(f"model.vae={source} is not in the local hub cache: its published config assumed")
+    if found is None:
+        arch.notes.append(f"model.vae={source}: no config readable offline; the model's own VAE config assumed")
+        return arch
+    arch.vae = found
+    return arch
 
 
 def resolve_architecture(cfg: Config) -> Architecture:

@@ -60,6 +60,7 @@ from tc_lite.memory.fake_models import (
 )
 from tc_lite.memory.result import PHASES, GiB, MemoryEstimate
 from tc_lite.memory.tracker import MemoryTracker, cuda_autocast_policy
+from tc_lite.precision import vae_dtype
 from tc_lite.step import FreshNoise, StepStats, TrainStep
 
 __all__ = ["GiB", "MemoryEstimate", "bnb_adamw8bit_state_bytes", "estimate_memory", "_materialize"]
@@ -67,6 +68,7 @@ MAX_TRACED_PREFIX = 1  # no-grad steps actually traced; see the module docstring
 MAX_TRACED_GRAD_STEPS = 3  # grad steps actually traced; the rest are extrapolated (see the module docstring)
 # Phases during which the saved tensors of every grad step are alive (they get the extrapolated K - traced steps).
 _HOLD_GRAD_STEPS = ("grad steps", "decode", "reward", "decode backward", "grad steps backward")
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # --------------------------------------------------------------------------------------------------- the step
@@ -88,16 +90,26 @@ class _Step:
         memo: dict[int, Any] = {}
         encoders = meta.family.encoders(self.comps)
         held = {name: m for a in self.adapters for name, m in a.held_modules().items()}
+        self.vae_dtype = vae_dtype(cfg.memory, self.comps.vae, dt)  # as the recipe keeps it (memory.vae_precision)
         with tracker.kind("parameters"):
-            for m in (self.comps.unet, self.comps.vae, *encoders.values(), *held.values()):
+            for m in (self.comps.unet, *encoders.values(), *held.values()):
                 _materialize(m, dt, "cpu", memo)
+            _materialize(self.comps.vae, self.vae_dtype, "cpu", memo)
+        vae_label = "vae (encoder and decoder)" + ("" if self.vae_dtype == dt else f", {_DTYPE_NAMES[self.vae_dtype]}")
         self.resident: dict[str, int] = {"unet": _module_bytes(self.comps.unet),
-                                         "vae (encoder and decoder)": _module_bytes(self.comps.vae)}
+                                         vae_label: _module_bytes(self.comps.vae)}
+        if self.vae_dtype != dt:
+            self.notes.append(f"VAE kept and decoded in {_DTYPE_NAMES[self.vae_dtype]} (memory.vae_precision="
+                              f"{cfg.memory.vae_precision}): its weights and decode activations at twice the bytes")
         one = len(encoders) == 1
-        for a in self.adapters:
-            trainable = a.parameters()
-            te = "text encoder" if one else f"text encoder {a.key}"
-            if a.kind == "lora":
+        adapted = {a.key: a for a in self.adapters}
+        for key, encoder in encoders.items():
+            te = "text encoder" if one else f"text encoder {key}"
+            a = adapted.get(key)
+            if a is None:
+                self.resident[f"{te} (frozen)"] = _module_bytes(encoder)
+            elif a.kind == "lora":
+                trainable = a.parameters()
                 self.resident[te] = _module_bytes(a.module()) - _nbytes(trainable)
                 self.resident["lora (fp32)" if one else f"lora {a.key} (fp32)"] = _nbytes(trainable)
             else:
@@ -116,7 +128,7 @@ class _Step:
         if cfg.optim.name == "adamw8bit":
             self.optimizer: torch.optim.Optimizer = _Bnb8bitStateStandIn(self.params)
         else:
-            self.optimizer = build_optimizer(self.params, cfg.optim)
+            self.optimizer = build_optimizer(self.adapters.param_groups(), cfg.optim)  # as the recipe builds it
             if target.cuda:
                 for group in self.optimizer.param_groups:  # torch's default for CUDA tensors
                     group["foreach"] = True
@@ -260,6 +272,22 @@ def _extrapolate(tracker: MemoryTracker, extra: int) -> None:
     tracker.peak, tracker.peak_phase, tracker.peak_kinds = top.peak, top.name, dict(top.kinds)
 
 
+def _describe_adapters(cfg: Config, family: Any) -> str:
+    """'LoRA r=8' (one encoder), 'LoRA r=8 on te1, te2' or per encoder ('LoRA r=4 on te1 + LoRA r=16 on te2'),
+    from the adapters package's own reading of `lora.encoders`/`lora.per_encoder`."""
+    from tc_lite.adapters import encoder_settings, selected_slots
+
+    parts = []
+    for slot in selected_slots(cfg.lora, family):
+        e = encoder_settings(cfg.lora, slot.name)
+        parts.append((f"LoRA r={e['rank']}" if e["mode"] == "lora" else "full encoder", slot.name))
+    if len(family.slots) == 1:
+        return parts[0][0] if parts else "nothing trained"
+    if len({what for what, _ in parts}) == 1:
+        return f"{parts[0][0]} on {', '.join(name for _, name in parts)}"
+    return " + ".join(f"{what} on {name}" for what, name in parts)
+
+
 def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = False, fp32_norms: bool = True,
                     attention_backend: str | None = None) -> MemoryEstimate:
     """Estimate the peak device memory of one steady-state training step of `cfg` (no GPU, no weights).
@@ -316,10 +344,10 @@ def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = F
         "height": s.height, "width": s.width, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
         "steps": s.steps, "grad_steps": s.grad_steps, "guidance_scale": s.guidance_scale,
         "precision": target.precision + ("" if target.cuda else " (cpu)"),
-        "lora": (f"LoRA r={cfg.lora.rank}" if cfg.lora.mode == "lora" else "full encoder")
-        + ("" if len(family.slots) == 1 else f" on {', '.join(s.name for s in family.slots)}"),
+        "lora": _describe_adapters(cfg, family),
         "optimizer": cfg.optim.name, "attention": cfg.memory.attention,
         "checkpoint_unet": cfg.memory.checkpoint_unet, "checkpoint_vae": cfg.memory.checkpoint_vae,
+        "checkpoint_unet_blocks": cfg.memory.checkpoint_unet_blocks, "vae_dtype": _DTYPE_NAMES[step.vae_dtype],
         "prefix_cache": s.prefix_cache, "offload": cfg.rewards.offload,
         "rewards": [f"{label}" for label, t in cfg.rewards.terms.items() if t.weight != 0],
     }

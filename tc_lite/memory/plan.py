@@ -8,7 +8,12 @@ speed, so the first rung that fits is the fastest that fits, and a binary search
 3. `memory.checkpoint_vae: true` -- the decoder's activations at full resolution recomputed (~+10% time);
 4. `memory.checkpoint_unet: true` -- one UNet call's activations whatever K is (~+10-30% time);
 5. `train.batch_size` halved, `train.grad_accum` doubled, down to batch 1 -- the same effective batch;
-6. `rewards.offload: sequential` -- reward weights layer by layer (slowest).
+6. `memory.checkpoint_unet_blocks: true` -- the UNet call's recompute holds one block's activations (SDXL at
+   1024²: -8.8 GiB; one more UNet forward per grad step, ~+12% of a step at K=5, T=25);
+7. `rewards.offload: sequential` -- reward weights layer by layer (slowest).
+
+Block checkpointing only pays where the grad steps' backward is the peak (SDXL; at SD1.5 512² the VAE's is), so a
+plan that ends on a rung with it checks once whether the same settings fit without it, and then drops it.
 
 K (`sampling.grad_steps`) is never lowered: it changes what is trained, and once UNet calls are checkpointed memory
 does not depend on it. Attention is PyTorch SDPA (fused, O(N) memory; xformers saves nothing more on current GPUs).
@@ -33,7 +38,7 @@ from tc_lite.memory.estimate import GiB, MemoryEstimate, estimate_memory
 
 RESERVE_GIB = 0.75
 FRAGMENTATION = 0.08
-_CACHE_VERSION = "memory-estimate-v4"  # bump when the estimator changes what it counts
+_CACHE_VERSION = "memory-estimate-v5"  # bump when the estimator changes what it counts
 
 
 def budget_bytes(vram_gb: float) -> int:
@@ -70,13 +75,15 @@ class _Rung:
     checkpoint_unet: bool
     batch_size: int
     grad_accum: int
+    checkpoint_unet_blocks: bool = False
 
     def apply(self, cfg: Config) -> Config:
         return dataclasses.replace(
             cfg,
             rewards=dataclasses.replace(cfg.rewards, offload=self.offload),
             memory=dataclasses.replace(cfg.memory, checkpoint_vae=self.checkpoint_vae,
-                                       checkpoint_unet=self.checkpoint_unet, attention="sdpa"
+                                       checkpoint_unet=self.checkpoint_unet,
+                                       checkpoint_unet_blocks=self.checkpoint_unet_blocks, attention="sdpa"
                                        if cfg.memory.attention == "xformers" else cfg.memory.attention),
             train=dataclasses.replace(cfg.train, batch_size=self.batch_size, grad_accum=self.grad_accum))
 
@@ -91,7 +98,8 @@ def ladder(cfg: Config) -> list[_Rung]:
         b = b // 2
         a = -(-want // b)  # an odd batch cannot keep the effective batch exactly: round up, never shrink it
         rungs.append(_Rung("cpu", True, True, b, a))
-    rungs.append(_Rung("sequential", True, True, b, a))
+    rungs.append(_Rung("cpu", True, True, b, a, checkpoint_unet_blocks=True))
+    rungs.append(_Rung("sequential", True, True, b, a, checkpoint_unet_blocks=True))
     return rungs
 
 
@@ -139,6 +147,9 @@ def _describe(rung: _Rung, base: Config, est: dict[str, Any]) -> list[str]:
     out.append(f"memory.checkpoint_unet={str(rung.checkpoint_unet).lower()}: " + (
         f"the {k} grad steps hold one UNet call's activations between them; K={k} kept (memory is flat in K)"
         if rung.checkpoint_unet else f"K={k} grad steps keep their activations (fits without recompute)"))
+    if rung.checkpoint_unet_blocks:
+        out.append("memory.checkpoint_unet_blocks=true: each UNet call's recompute holds one block's activations "
+                   "(one more UNet forward per grad step)")
     if (rung.batch_size, rung.grad_accum) != (base.train.batch_size, base.train.grad_accum):
         out.append(f"train.batch_size={rung.batch_size}, train.grad_accum={rung.grad_accum}: effective batch "
                    f"{rung.batch_size * rung.grad_accum} (was {base.train.batch_size} x {base.train.grad_accum})")
@@ -181,12 +192,18 @@ def plan_memory(cfg: Config, vram_gb: float | None = None, *,
             hi = mid
         else:
             lo = mid + 1
-    chosen = rungs[lo]
-    est = peaks[lo]
+    faster = lo - 1 if lo > 0 and lo - 1 in peaks else None  # the rung before, when it was estimated
+    if rungs[lo].checkpoint_unet_blocks:  # only where it pays (see the module docstring)
+        without = dataclasses.replace(rungs[lo], checkpoint_unet_blocks=False)
+        if without not in rungs:
+            rungs.append(without)
+        if peak(rungs.index(without)) <= budget:
+            lo = rungs.index(without)
+    chosen, est = rungs[lo], peaks[lo]
     reasons = [_budget_line(vram, budget),
                *_describe(chosen, base, est),
                f"estimated peak {peak(lo) / GiB:.2f} GiB (in {est['peak_phase']})"
-               + (f"; the next faster settings need {peak(lo - 1) / GiB:.2f} GiB" if lo > 0 and lo - 1 in peaks else "")]
+               + (f"; the next faster settings need {peak(faster) / GiB:.2f} GiB" if faster is not None else "")]
     return MemoryPlan(chosen.apply(base), True, peak(lo), budget, reasons, vram_gb=vram)
 
 

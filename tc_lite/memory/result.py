@@ -81,7 +81,9 @@ class MemoryEstimate:
             f"estimated peak GPU memory of one training step: {self.peak_gib:.2f} GiB (in phase '{self.peak_phase}')",
             (f"  {s['height']}x{s['width']}, batch {s['batch_size']}, T={s['steps']} K={s['grad_steps']}, "
             f"CFG {s['guidance_scale']:g}, {s['precision']}, {s['lora']}, attention {s['attention']}, "
-            f"checkpoint unet={s['checkpoint_unet']} vae={s['checkpoint_vae']}, prefix cache {s['prefix_cache']}, "
+            f"checkpoint unet={s['checkpoint_unet']}{' (+ blocks)' if s.get('checkpoint_unet_blocks') else ''} "
+            f"vae={s['checkpoint_vae']}{', VAE in ' + s['vae_dtype'] if s.get('vae_dtype', s['precision'][:4]) != s['precision'][:4] else ''}, "
+            f"prefix cache {s['prefix_cache']}, "
             f"rewards {', '.join(s['rewards']) or 'none'} (offload {s['offload']})"),
             f"  architecture: {self.architecture}",
             "",
