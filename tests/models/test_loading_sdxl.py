@@ -162,3 +162,18 @@ def test_model_vae_replaces_the_vae(tiny_xl, xl_folder, tmp_path):
         load_vae("./nope", torch.float32)
     with pytest.raises(UserError, match="model.vae: 'nope/' is neither an existing local path nor a valid hub id"):
         load_vae("nope/", torch.float32)
+
+
+def test_single_file_through_the_loader(tiny_xl, tmp_path):
+    """An SGM (A1111/ComfyUI) file: recognised by its keys, read with a config folder, every output equal."""
+    from tc_lite.models.tiny_sdxl import save_tiny_sdxl_model
+
+    folder, single = tmp_path / "folder", tmp_path / "tiny_xl.safetensors"
+    save_tiny_sdxl_model(folder, single, components=tiny_xl)
+    cfg = ModelConfig(source=str(single), config_dir=str(folder))
+    assert family_for(cfg) is SDXL
+    family, c = load_model(cfg, torch.float32)
+    assert family is SDXL and c.source == str(single)
+    assert_same(tiny_xl, c)
+    with pytest.raises(UserError, match=r"does not fit the SDXL architecture .*set model\.config_dir"):
+        load_model(ModelConfig(source=str(single)), torch.float32)  # the bundled configs are real SDXL's
