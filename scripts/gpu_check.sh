@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Validate tc-lite's GPU paths on this machine's CUDA GPU, in under 8 minutes and without downloading anything:
 # bench memory with real steps (aesthetic, all-rewards, aesthetic-b4-12gb), fp16 and bf16 steps, 8-bit AdamW,
-# xformers, reward offload cpu/sequential, bench speed -- on SD1.5-architecture models with random weights.
+# xformers, reward offload cpu/sequential, bench speed -- on SD1.5-architecture models with random weights -- and
+# bench memory with real steps of full-size SDXL (random weights, bundled configs) for presets/sdxl-12gb.yaml when
+# the time allows (--only memory/sdxl-12gb memory/sdxl-aesthetic runs both SDXL checks alone).
 # Results: benchmarks/gpu/<device>.json and .md (e.g. nvidia-geforce-rtx-4090.md). Without a CUDA GPU it says so,
 # runs a quick CPU subset (tiny model, seconds) and writes benchmarks/gpu/cpu-only.json and .md.
 # It does not install anything (scripts/install.sh would put the CPU torch in place of your CUDA one).

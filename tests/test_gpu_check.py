@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,39 @@ def test_the_gpu_checks_cover_the_issue_within_eight_minutes(capsys):
     assert gpu_check.TOTAL_BUDGET_S <= 8 * 60 - 10
     assert gpu_check.main(["--list"]) == 0
     assert "offload/sequential" in capsys.readouterr().out
+
+
+def test_a_check_that_needs_more_time_than_is_left_is_skipped_with_the_command_to_run_it():
+    report: dict = {}
+    ran = []
+    long = Check("memory/long", "needs 50 s", 100.0, lambda ctx: ran.append(1) or {"summary": "x"}, min_s=50.0)
+    run_all([long], Context(), isolate=False, total_budget=20.0, report=report, progress=lambda m: None)
+    rec = report["checks"][0]
+    assert not ran and rec["status"] == "skipped"
+    assert "needs 50 s" in rec["summary"] and "--only memory/long" in rec["summary"]
+
+
+def test_the_sdxl_checks_measure_full_size_sdxl_without_downloads(capsys):
+    """memory/sdxl-12gb is in the GPU run (last, with a minimum time), memory/sdxl-aesthetic on request; the model
+    they build is SDXL base from the configs the estimator reads (here on 'meta': 3.5B random weights are a GPU's
+    job), including the fp16-safe VAE's force_upcast: false for sdxl-12gb."""
+    from tc_lite.bench.gpu_checks import CHECKS, SDXL_EXTRA_CHECKS
+    from tc_lite.bench.models import build_sdxl_components
+    from tc_lite.config import load_config
+    from tc_lite.families import FAMILIES
+    from tc_lite.memory.architectures import resolve_architecture
+
+    assert GPU_CHECKS[-1].name == "memory/sdxl-12gb" and GPU_CHECKS[-1].min_s >= 60
+    assert [c.name for c in SDXL_EXTRA_CHECKS] == ["memory/sdxl-aesthetic"] and "memory/sdxl-aesthetic" in CHECKS
+    assert gpu_check.main(["--list"]) == 0
+    assert "memory/sdxl-aesthetic" in capsys.readouterr().out
+    for preset, upcast in (("sdxl-12gb.yaml", False), ("sdxl-aesthetic.yaml", True)):
+        cfg = load_config(Path(__file__).resolve().parents[1] / "presets" / preset)
+        comps = build_sdxl_components(cfg.model, torch.float16, device="meta")
+        with torch.device("meta"):
+            ref = FAMILIES["sdxl"].meta_components(resolve_architecture(cfg))
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+            assert count(getattr(comps, name)) == count(getattr(ref, name)), name
+        assert comps.vae.config.force_upcast is upcast and comps.unet.dtype == torch.float16
+        assert comps.tokenizer_2.pad_token == "!" and comps.family == "sdxl"

@@ -2,8 +2,10 @@
 
 On a CUDA machine it runs `tc_lite.bench.gpu_checks.GPU_CHECKS` -- `bench memory` with real steps for three
 presets, fp16 and bf16 steps, 8-bit AdamW, xformers, both reward offload modes, `bench speed` -- on the full-size
-SD1.5 architecture and rewards with random weights (no download), in ~4-6 minutes on a current GPU and never more
-than `--total-budget` (470 s). Each check runs in its own process (a clean CUDA context and peak counter; a crash
+SD1.5 architecture and rewards with random weights (no download), then `bench memory` with real steps of full-size
+SDXL base (random weights, bundled configs) on presets/sdxl-12gb.yaml when at least 90 s are left (else it says how
+to run it alone; `--only memory/sdxl-aesthetic` adds the 1024² preset in fp16, its VAE in fp32), in ~5-7 minutes
+on a current GPU and never more than `--total-budget` (470 s). Each check runs in its own process (a clean CUDA context and peak counter; a crash
 or a hang is that check's failure only) within its own time budget; a failure is recorded with its error text
 and the next check starts. Without CUDA it says so and runs a CPU subset on the tiny model in a few seconds.
 
@@ -36,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tc_lite.bench.gpu_checks import CHECKS, CPU_CHECKS, GPU_CHECKS, Check, Context, Unavailable
+from tc_lite.bench.gpu_checks import CHECKS, CPU_CHECKS, GPU_CHECKS, SDXL_EXTRA_CHECKS, Check, Context, Unavailable
 
 SCHEMA = "tc-lite-gpu-check/1"
 TOTAL_BUDGET_S = 470.0  # the whole run stays under 8 minutes
@@ -179,7 +181,8 @@ def environment(cuda: bool) -> dict[str, Any]:
 def run_all(checks: Sequence[Check], ctx: Context, *, isolate: bool, total_budget: float, report: dict[str, Any],
             on_update: Callable[[dict[str, Any]], None] = lambda r: None,
             progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run `checks` in order into `report["checks"]`; each gets min(its budget, what is left of `total_budget`)."""
+    """Run `checks` in order into `report["checks"]`; each gets min(its budget, what is left of `total_budget`),
+    and is skipped when less than its `min_s` is left."""
     start = time.perf_counter()
     runner = run_isolated if isolate else run_inline
     report["checks"] = []
@@ -190,6 +193,10 @@ def run_all(checks: Sequence[Check], ctx: Context, *, isolate: bool, total_budge
         if room < min(5.0, check.budget_s):
             rec = _record(check, max(budget, 0))
             rec["summary"] = f"skipped: the run's total budget of {total_budget:.0f} s is spent"
+        elif room < check.min_s:  # a shortened budget would only end in a timeout
+            rec = _record(check, max(budget, 0))
+            rec["summary"] = (f"skipped: it needs {check.min_s:.0f} s and {max(room, 0):.0f} s of the run's total "
+                              f"budget are left; run it alone: bash scripts/gpu_check.sh --only {check.name}")
         else:
             rec = runner(check, ctx, budget)
         report["checks"].append(rec)
@@ -279,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for c in [*GPU_CHECKS, *CPU_CHECKS]:
             print(f"{c.name:<26}{c.budget_s:>5.0f} s  {c.title}")
+        for c in SDXL_EXTRA_CHECKS:
+            print(f"{c.name:<26}{c.budget_s:>5.0f} s  {c.title} (only with --only)")
         return 0
     import torch
 
@@ -297,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         device = torch.cuda.get_device_name(0)
         slug = sanitize_device_name(device)
-        note = (f"CUDA GPU: {device}. GPU checks on SD1.5-architecture models with random weights (no download); "
+        note = (f"CUDA GPU: {device}. GPU checks on SD1.5- and SDXL-architecture models with random weights (no "
+                "download); "
                 "each check in its own process, within its own time budget.")
     else:
         device, slug = f"CPU only ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "cpu-only"

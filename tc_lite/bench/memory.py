@@ -63,6 +63,7 @@ def run_steps(cfg: Any, steps: int = 2, *, model: str | None = None, measure_fro
             scaler = recipe.precision.scaler
             out = {"device": str(recipe.precision.device), "precision": recipe.precision.name,
                    "attention": recipe.attention, "optimizer": type(recipe.optimizer).__name__,
+                   "vae_dtype": str(next(recipe.components.vae.parameters()).dtype).removeprefix("torch."),
                    "step_s": times, "loss": [r["loss"] for r in records], "skipped": [r["skipped"] for r in records],
                    "grad_norm": [r["grad_norm"] for r in records],
                    "scale": float(scaler.get_scale()) if scaler.is_enabled() else None,
@@ -105,7 +106,7 @@ def run_memory(args: argparse.Namespace) -> int:
     if measure:
         from tc_lite.bench.random_rewards import random_rewards
 
-        real = measure_peak(random_rewards(cfg) if model == "sd15" else cfg, log=lambda m: None, model=model)
+        real = measure_peak(random_rewards(cfg) if model in ("sd15", "sdxl") else cfg, log=lambda m: None, model=model)
         out["measured"] = {**real, "device": torch.cuda.get_device_name(), "model": model or cfg.model.source,
                            "ratio_estimate_to_measured": est.peak / real["max_allocated"]}
     if args.json:

@@ -6,6 +6,9 @@
   text encoder, 84M VAE), built directly on the GPU when there is one; with `tc_lite.bench.random_rewards` the
   rewards too (CLIP ViT-L/14, ViT-H/14 towers of the right shapes). Memory and time are those of the real models;
   the images and scores mean nothing.
+* `sdxl`: the full-size SDXL base architecture (2.57B UNet, 123M + 695M text encoders, 84M VAE) from the configs the
+  estimator reads for the preset (`SDXL.architecture`: the bundled base configs, or a replacement VAE's, so the
+  fp16-fix VAE's `force_upcast: false` holds), with the real CLIP tokenizers; random weights as for `sd15`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ MID_OVERRIDES = ["sampling.height=256", "sampling.width=256",
                  "rewards.terms.vit.type=tc_lite.bench.models:RandomVitReward", "rewards.terms.vit.weight=1",
                  "rewards.offload=none", "memory.device=cpu", "memory.precision=fp32"]
 
-MODELS = ("tiny", "mid", "sd15")  # what `bench --model` accepts
+MODELS = ("tiny", "mid", "sd15", "sdxl")  # what `bench --model` accepts
 
 
 def default_device() -> torch.device:
@@ -97,6 +100,45 @@ def build_sd15_components(dtype: torch.dtype = torch.float16, device: torch.devi
     return SDComponents(tokenizer=clip_tokenizer(), scheduler=scheduler, source="sd15 (random weights)", **modules)
 
 
+def build_sdxl_components(model_cfg: Any, dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
+                           seed: int = 0) -> Any:
+    """SDXL at full size with random weights, from the architecture the estimator uses for `model_cfg` (see the
+    module docstring), built on `device` (default: the GPU if there is one) and cast to `dtype` module by module."""
+    from types import SimpleNamespace
+
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from tc_lite.families import FAMILIES
+    from tc_lite.models import SDComponents
+    from tc_lite.models.loading import bundled_config_dir
+
+    arch = FAMILIES["sdxl"].architecture(SimpleNamespace(model=model_cfg))
+    folder = bundled_config_dir("sdxl")
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, sched_cfg.get("_class_name", ""), diffusers.EulerDiscreteScheduler).from_config(
+        sched_cfg)
+    te = {k: CLIPTextConfig(**{n: v for n, v in c.items() if not n.startswith("_")})
+          for k, c in arch.text_encoders.items()}
+    device = torch.device(device) if device is not None else default_device()
+    devices = [] if device.type != "cuda" else [torch.cuda.current_device() if device.index is None else device.index]
+    modules: dict[str, nn.Module] = {}
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for name, build in (("text_encoder", lambda: CLIPTextModel(te["te1"])),
+                            ("text_encoder_2", lambda: CLIPTextModelWithProjection(te["te2"])),
+                            ("unet", lambda: UNet2DConditionModel.from_config(arch.unet)),
+                            ("vae", lambda: AutoencoderKL.from_config(arch.vae))):
+            with torch.device(device):
+                module = build()
+            modules[name] = nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
+    return SDComponents(tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+                        tokenizer_2=CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2")), scheduler=scheduler,
+                        family="sdxl", source="sdxl (random weights)", extra={"force_zeros_for_empty_prompt": True},
+                        **modules)
+
+
 class RandomVitReward(nn.Module):
     """A randomly initialised ViT-B/32-sized CLIP image tower with a linear head: a reward with realistic cost for
     timing on machines without reward weights. Scores mean nothing."""
@@ -120,18 +162,21 @@ class RandomVitReward(nn.Module):
 
 @contextlib.contextmanager
 def model_override(name: str | None) -> Iterator[None]:
-    """Make `load_model` (as the Recipe calls it, `tc_lite.train.load_model`) return the mid-size model or the
-    random-weight SD1.5 instead of the preset's; "tiny" and None change nothing (the tiny model is a source)."""
-    builders: dict[str, Callable[[torch.dtype], Any]] = {"mid": lambda dtype: build_mid_components(),
-                                                         "sd15": lambda dtype: build_sd15_components(dtype)}
+    """Make `load_model` (as the Recipe calls it, `tc_lite.train.load_model`) return the mid-size model, the
+    random-weight SD1.5 or SDXL instead of the preset's; "tiny" and None change nothing (the tiny model is a source)."""
+    builders: dict[str, Callable[[Any, torch.dtype], Any]] = {
+        "mid": lambda model_cfg, dtype: build_mid_components(),
+        "sd15": lambda model_cfg, dtype: build_sd15_components(dtype),
+        "sdxl": lambda model_cfg, dtype: build_sdxl_components(model_cfg, dtype)}
     if name not in builders:
         yield
         return
     from tc_lite import train
     from tc_lite.families import FAMILIES
 
+    family = FAMILIES["sdxl" if name == "sdxl" else "sd1"]
     original = train.load_model
-    train.load_model = lambda model_cfg, dtype: (FAMILIES["sd1"], builders[name](dtype))  # type: ignore[assignment]
+    train.load_model = lambda model_cfg, dtype: (family, builders[name](model_cfg, dtype))  # type: ignore[assignment]
     try:
         yield
     finally:
