@@ -418,3 +418,20 @@ def test_plan_without_vram_gb_sizes_the_card_present(tmp_path, monkeypatch):
     plan = plan_memory(cfg, estimator=estimate, use_cache=False)
     assert plan.vram_gb == 15.75 and plan.budget == budget_bytes(15.75)
     assert plan.reasons[0].startswith("memory plan for a 15.8 GB card")
+
+
+def test_plan_that_cannot_fit_with_an_upcast_vae_names_the_half_precision_ways_first(tmp_path):
+    """SDXL's VAE on fp16 weights decodes in fp32: before "smaller images", the plan names the fp16-safe VAE and
+    bf16 (sdxl-aesthetic at 16 GB: 19.14 GiB estimated, 12.89 with the fp16-fix VAE and block checkpointing)."""
+    cfg = tiny_cfg(tmp_path, "memory.device=auto", "memory.plan=auto", "memory.vram_gb=2")
+
+    def estimate(c):
+        d = {"peak_bytes": 5 * GiB, "peak_phase": "decode backward", "setting": {"vae_dtype": "fp32",
+                                                                                 "precision": "fp16"}}
+        return type("E", (), {"to_dict": lambda self: d})()
+
+    plan = plan_memory(cfg, estimator=estimate, use_cache=False)
+    assert not plan.fits and "model.vae=madebyollin/sdxl-vae-fp16-fix" in plan.reasons[-1]
+    assert "memory.precision=bf16" in plan.reasons[-1] and "sampling.height/width" in plan.reasons[-1]
+    estimate2, _ = _fake_estimator({"offload": 1.0, "vae": 1.0, "unet": 1.0})
+    assert "fp16-fix" not in plan_memory(cfg, estimator=estimate2, use_cache=False).reasons[-1]

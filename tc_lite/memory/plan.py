@@ -157,6 +157,15 @@ def _describe(rung: _Rung, base: Config, est: dict[str, Any]) -> list[str]:
     return out
 
 
+def _upcast_hint(cfg: Config, est: dict[str, Any]) -> str:
+    """What to say first when the estimate decodes with a VAE upcast to fp32 on half-precision weights (SDXL's)."""
+    setting = est.get("setting", {})
+    if setting.get("vae_dtype") != "fp32" or str(setting.get("precision", "")).startswith("fp32"):
+        return ""
+    return ("the VAE decodes in fp32 here (memory.vae_precision: it overflows in fp16): an fp16-safe VAE "
+            "(model.vae=madebyollin/sdxl-vae-fp16-fix) or memory.precision=bf16 on a card that has it halves that; or ")
+
+
 def plan_memory(cfg: Config, vram_gb: float | None = None, *,
                 estimator: Callable[[Config], MemoryEstimate] = estimate_memory, use_cache: bool = True) -> MemoryPlan:
     """The fastest rung of `ladder(cfg)` whose estimate fits `vram_gb` (default `cfg.memory.vram_gb`)."""
@@ -184,8 +193,8 @@ def plan_memory(cfg: Config, vram_gb: float | None = None, *,
         return MemoryPlan(lean, False, peak(hi), budget, vram_gb=vram, reasons=[
             _budget_line(vram, budget),
             (f"does not fit: even the leanest settings need {peak(hi) / GiB:.2f} GiB (batch {rungs[hi].batch_size}, "
-            "everything checkpointed and offloaded); lower sampling.height/width (memory grows with the pixel "
-            "count) or use a card with more memory")])
+            "everything checkpointed and offloaded); " + _upcast_hint(base, peaks[hi]) + "lower sampling.height/width "
+            "(memory grows with the pixel count) or use a card with more memory")])
     while lo < hi:
         mid = (lo + hi) // 2
         if peak(mid) <= budget:
