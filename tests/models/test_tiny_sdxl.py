@@ -22,6 +22,9 @@ def test_sdxl_structure(random_sdxl):
     assert type(c.text_encoder).__name__ == "CLIPTextModel"
     assert type(c.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert type(c.scheduler).__name__ == "EulerDiscreteScheduler"
+    from diffusers import DDIMScheduler
+
+    assert DDIMScheduler.from_config(c.scheduler.config).config.clip_sample is False  # as from SDXL's own config
     assert c.vae_scale_factor * c.unet.config.sample_size == TINY_RESOLUTION and c.vae.config.force_upcast is False
     te1, te2, unet = c.text_encoder.config, c.text_encoder_2.config, c.unet.config
     assert min(te1.num_hidden_layers, te2.num_hidden_layers) >= 2  # SDXL conditions on hidden_states[-2]
