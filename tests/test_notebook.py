@@ -7,6 +7,7 @@ cells that need Colab, Drive, the hub or the network skip themselves, which the 
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,19 @@ def test_notebook_is_valid_and_uses_only_the_public_api():
     for colab_only in ("drive.mount", "files.download", "login(", '"clone"'):
         line = next(line for line in text.splitlines() if colab_only in line)
         assert line.startswith("    "), f"{colab_only!r} must sit inside an `if IN_COLAB` block: {line!r}"
+
+
+def test_every_preset_the_form_offers_exists_and_loads():
+    from tc_lite.config import load_config
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    form = next(c for c in code_cells(nb) if "parameters" in c.metadata.get("tags", []))
+    options = re.search(r'PRESET = .*#@param (\[.*\])', form.source)
+    assert options, "the PRESET form field lists its choices"
+    names = ast.literal_eval(options.group(1))  # the Colab form lists its choices as a Python literal
+    assert {"aesthetic", "sdxl-aesthetic", "sdxl-12gb", "tiny-cpu", "tiny-sdxl-cpu"} <= set(names)
+    for name in names:
+        load_config(ROOT / "presets" / f"{name}.yaml")
 
 
 def test_notebook_runs_headless_on_the_tiny_preset(tmp_path, tiny_components):
