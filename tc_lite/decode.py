@@ -3,6 +3,9 @@
 With `checkpoint=True` the decoder's mid and up blocks are recomputed in backward (diffusers' non-reentrant
 per-block checkpointing): the decoder's activations at 512² are the single largest memory item of a step
 (DESIGN.md §4: 5.51 → 4.08 GiB), and its recompute costs one more decoder forward.
+
+The decode runs in the VAE's own dtype, natively (`precision.autocast_for`): half precision, or fp32 where
+`memory.vae_precision` keeps the VAE in fp32 (SDXL's overflows in fp16), also under the run's half autocast.
 """
 
 from __future__ import annotations
@@ -29,6 +32,6 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor,
     shift = getattr(cfg, "shift_factor", None)
     if shift:
         latents = latents + shift
-    with autocast_for(vae, autocast)():  # a frozen half-precision VAE decodes natively
+    with autocast_for(vae, autocast)():  # a frozen VAE decodes natively in its dtype
         images = vae.decode(latents.to(next(vae.parameters()).dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -101,7 +101,8 @@ def _step_functions(r: Any, prompts: list[str], cfg: Any) -> tuple[dict[str, Cal
     def part_grad_steps() -> torch.Tensor:
         from tc_lite.sampling import DenoisePlan
 
-        plan = DenoisePlan(s.steps, k, s.guidance_scale, cfg.memory.checkpoint_unet, s.eta)
+        plan = DenoisePlan(s.steps, k, s.guidance_scale, cfg.memory.checkpoint_unet, s.eta,
+                           checkpoint_blocks=cfg.memory.checkpoint_unet_blocks)  # as the step's
         out = trainer.denoiser.run(start_latent.clone(), plan, start=s.steps - k, generator=gen(),
                                    **trainer.conditioning(prompts))
         out.float().square().mean().backward()  # recompute + backward through the UNet calls and the encoder

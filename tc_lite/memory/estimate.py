@@ -100,7 +100,9 @@ class _Step:
                                          vae_label: _module_bytes(self.comps.vae)}
         if self.vae_dtype != dt:
             self.notes.append(f"VAE kept and decoded in {_DTYPE_NAMES[self.vae_dtype]} (memory.vae_precision="
-                              f"{cfg.memory.vae_precision}): its weights and decode activations at twice the bytes")
+                              f"{cfg.memory.vae_precision}): its weights and decode activations at twice the bytes"
+                              + ("; precision auto is estimated as fp16: a bf16 card decodes it in bf16, for less"
+                                 if cfg.memory.precision == "auto" and cfg.memory.vae_precision == "auto" else ""))
         one = len(encoders) == 1
         adapted = {a.key: a for a in self.adapters}
         for key, encoder in encoders.items():

@@ -219,7 +219,7 @@ class _Target:
         cuda = cfg.memory.device != "cpu"
         name = cfg.memory.precision
         if name == "auto":
-            name = "fp16" if cuda else "fp32"  # fp16 and bf16 take the same bytes
+            name = "fp16" if cuda else "fp32"  # same bytes as bf16, but for a VAE that fp16 upcasts (an upper bound)
         return cls(cuda, name, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name])
 
 
