@@ -262,7 +262,7 @@ def speed_config(preset: str, overrides: list[str], model: str | None) -> Any:
     elif model == "tiny":
         overrides = ["model.source=tiny", *overrides]
     cfg = load_config(preset, overrides)
-    if model == "sd15":  # SD1.5 with random weights: the rewards too (tc_lite.bench.random_rewards)
+    if model in ("sd15", "sdxl"):  # full size with random weights: the rewards too (tc_lite.bench.random_rewards)
         from tc_lite.bench.random_rewards import random_rewards
 
         cfg = random_rewards(cfg)
@@ -271,7 +271,7 @@ def speed_config(preset: str, overrides: list[str], model: str | None) -> Any:
 
 def run_speed(args: argparse.Namespace) -> int:
     cfg = speed_config(args.preset, args.overrides, args.model)
-    if not torch.cuda.is_available() and args.model in (None, "sd15") and cfg.model.source != "tiny":
+    if not torch.cuda.is_available() and args.model in (None, "sd15", "sdxl") and not cfg.model.source.startswith("tiny"):
         raise UserError("bench speed: no CUDA GPU here, and a full-size model on the CPU takes minutes per step; "
                         "use --model tiny or --model mid (built in code, nothing downloaded)")
     rep = speed_report(cfg, model=args.model, repeats=args.repeats)

@@ -9,9 +9,9 @@ diffusers' `StableDiffusionPipeline` with the same model, scheduler, steps and C
 recipe's `TrainStep`) beside the sum of its parts measured separately; (c) a step with the prefix cache as its
 latent source beside one without; (d) steps per hour.
 
-`--model tiny|mid|sd15` swaps the preset's model for one built in code (random weights; timing and memory only,
-nothing downloaded): the built-in tiny one, a mid-size SD-shaped one (CPU timing), or the full-size SD1.5
-architecture with random-weight rewards of the right architectures (GPU). The code lives in `tc_lite.bench`.
+`--model tiny|mid|sd15|sdxl` swaps the preset's model for one built in code (random weights; timing and memory
+only, nothing downloaded): the built-in tiny one, a mid-size SD-shaped one (CPU timing), or the full-size SD1.5 or
+SDXL base architecture with random-weight rewards of the right architectures (GPU). The code lives in `tc_lite.bench`.
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--measure", dest="measure", action="store_true", default=None,
                    help="also run real steps and print torch.cuda.max_memory_allocated (default on CUDA machines)")
     m.add_argument("--no-measure", dest="measure", action="store_false")
-    m.add_argument("--model", choices=["sd15"], default=None,
-                   help="measure on SD1.5 and rewards with random weights of the right architectures (no download)")
+    m.add_argument("--model", choices=["sd15", "sdxl"], default=None,
+                   help="measure on SD1.5 or SDXL base and rewards with random weights of the right architectures "
+                        "(no download)")
     m.set_defaults(func=run_memory)
     s = bsub.add_parser("speed", help="time sampling and a training step against diffusers and their parts")
     s.add_argument("preset")
     s.add_argument("overrides", nargs="*")
-    s.add_argument("--model", choices=["tiny", "mid", "sd15"], default=None,
+    s.add_argument("--model", choices=["tiny", "mid", "sd15", "sdxl"], default=None,
                    help="replace the preset's model by one built in code, random weights: tiny or mid (CPU timing), "
-                        "sd15 (full-size SD1.5 and rewards, GPU timing without a download)")
+                        "sd15 or sdxl (full-size SD1.5 / SDXL base and rewards, GPU timing without a download)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=run_speed)
