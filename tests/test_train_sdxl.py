@@ -154,3 +154,37 @@ def test_a_full_sdxl_run_is_evaluated_from_its_two_encoder_files(tmp_path, tiny_
     out = Path(mixed.output.dir)
     assert run_result(mixed, out) == {"te1": out / "tiny_sdxl_cpu.safetensors",
                                       "te2": out / "tiny_sdxl_cpu_text_encoder_2.safetensors"}
+
+
+@pytest.mark.parametrize("extra", [
+    ["sampling.encoder_schedule=tuned", "sampling.uncond=original", "sampling.negative_prompt=grey"],
+    ["sampling.grad_steps_min=1", "sampling.grad_steps=3", "train.grad_accum=2", "lora.encoders=[te1]"],
+    ["lora.mode=full", "optim.lr=1e-4", "memory.checkpoint_unet=true", "memory.checkpoint_unet_blocks=true"],
+    ["sampling.prefix_cache=prefill", "train.batch_size=2"],
+])
+def test_sdxl_variants_run_and_update_weights(tmp_path, tiny_sdxl, extra):
+    """The two-encoder and tuned schedules, random truncation, full training, block checkpointing, the cache."""
+    cfg = cfg_for(tmp_path, "train.steps=2", "logging.sample_every=0", *extra)
+    recipe = Recipe(cfg, log=lambda s: None).setup()
+    before = [p.detach().clone() for p in recipe.params]
+    assert recipe.train().exists()
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, recipe.params))
+
+
+def test_sdxl_prefix_cache_tail_equals_the_uncached_run(tmp_path, tiny_sdxl):
+    """The cached latent after step T-K continues exactly as denoising from its noise would (fp16 file rounding)."""
+    from tc_lite.sampling import DenoisePlan
+
+    cfg = cfg_for(tmp_path, "sampling.prefix_cache=lazy", "train.steps=1", "logging.sample_every=0")
+    recipe = Recipe(cfg, log=lambda s: None).setup()
+    cache, trainer, prompts = recipe.prefix_cache, recipe.trainer, ["a red square", "a green bar"]
+    k, s = cfg.sampling.grad_steps, cfg.sampling
+    plan = DenoisePlan(s.steps, k, s.guidance_scale, checkpoint=False)
+    with torch.no_grad():
+        cond = trainer.conditioning(prompts)
+        cached, start = cache.starting_latents(prompts, torch.Generator().manual_seed(0), k)
+        assert start == s.steps - k and cache.misses == 2
+        noise = torch.cat([cache.noise(cache.seed_for(p)) for p in prompts])
+        full = trainer.denoiser.run(noise, plan, **cond)
+        tail = trainer.denoiser.run(cached, plan, start=start, **cond)
+    torch.testing.assert_close(tail, full, rtol=2e-2, atol=2e-3 * float(full.abs().max()))
