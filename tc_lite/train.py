@@ -83,6 +83,11 @@ class Recipe:
         configure_vae(comps.vae, cfg.memory.checkpoint_vae)
 
         self.adapters = build_adapters(cfg.lora, self.family, comps)
+        from .export.kohya import a1111_warning  # said now, not only when the file is written hours later
+
+        lora_tensors = {k: v for a in self.adapters if a.kind == "lora" for k, v in a.kohya_tensors().items()}
+        if warning := a1111_warning(lora_tensors):
+            self.log(warning)
         for a in self.adapters:
             a.module().to(p.device)
         self.encoder = PromptEncoder(self.family, comps, self.adapters, size=(cfg.sampling.height, cfg.sampling.width))

@@ -188,3 +188,10 @@ def test_sdxl_prefix_cache_tail_equals_the_uncached_run(tmp_path, tiny_sdxl):
         full = trainer.denoiser.run(noise, plan, **cond)
         tail = trainer.denoiser.run(cached, plan, start=start, **cond)
     torch.testing.assert_close(tail, full, rtol=2e-2, atol=2e-3 * float(full.abs().max()))
+
+
+def test_partial_attention_targets_warn_at_start_for_a1111(tmp_path, tiny_sdxl):
+    logs: list[str] = []
+    cfg = cfg_for(tmp_path, "train.steps=1", "logging.sample_every=0", "lora.targets=[q_proj,v_proj]")
+    Recipe(cfg, log=logs.append).setup()
+    assert any("A1111 ignores te2's attention LoRA" in line for line in logs)
