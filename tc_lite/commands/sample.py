@@ -76,6 +76,7 @@ def run_sample(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     from tc_lite.config import MemoryConfig, ModelConfig
     from tc_lite.families import load_model
     from tc_lite.inference import default_size, encode_prompts, sample_images
+    from tc_lite.models.loading import cast_module
     from tc_lite.precision import resolve_precision, vae_dtype
 
     loras = [Path(p) for p in (args.lora or [])]
@@ -89,7 +90,7 @@ def run_sample(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     prec = resolve_precision(MemoryConfig(device=args.device, precision=args.precision))
     family, comps = load_model(ModelConfig(source=args.model, config_dir=args.config_dir, vae=args.vae,
                                            allow_pickle=args.allow_pickle), prec.weight_dtype)
-    comps.vae.to(vae_dtype(MemoryConfig(), comps.vae, prec.weight_dtype))  # SDXL's VAE overflows in fp16
+    cast_module(comps.vae, vae_dtype(MemoryConfig(), comps.vae, prec.weight_dtype))  # SDXL's VAE overflows in fp16
     for m in (*family.encoders(comps).values(), comps.unet, comps.vae):
         m.requires_grad_(False).eval().to(prec.device)
     size = (args.height or default_size(comps), args.width or default_size(comps))

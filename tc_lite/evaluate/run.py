@@ -33,6 +33,7 @@ class _Renderer:
         from tc_lite.families import family_of, load_model
         from tc_lite.inference import default_size, tuned_encoders
         from tc_lite.models import freeze_and_cast
+        from tc_lite.models.loading import cast_module
         from tc_lite.models.components import SDComponents
         from tc_lite.precision import set_attention, vae_dtype
 
@@ -42,7 +43,7 @@ class _Renderer:
         else:
             comps = load_model(ModelConfig(source=str(model), **options), prec.weight_dtype)[1]
         freeze_and_cast(comps, prec.weight_dtype)
-        comps.vae.to(vae_dtype(MemoryConfig(), comps.vae, prec.weight_dtype))  # SDXL's VAE overflows in fp16
+        cast_module(comps.vae, vae_dtype(MemoryConfig(), comps.vae, prec.weight_dtype))  # SDXL's VAE overflows in fp16
         for m in (comps.unet, comps.vae, *family_of(comps).encoders(comps).values()):
             m.to(prec.device).eval()
         set_attention(comps.unet, "sdpa", prec.device, warn=log)

@@ -140,12 +140,18 @@ def _cast(components: SDComponents, dtype: torch.dtype) -> None:
     every call, even when there are none (SD1.5's UNet and VAE); then the plain `nn.Module.to` is used, and the
     warning stays for a model that does name fp32 modules."""
     for module in _modules(components):
-        if module is None or all(p.dtype == dtype for p in module.parameters()):
-            continue
-        if getattr(module, "_keep_in_fp32_modules", None):
-            module.to(dtype=dtype)
-        else:
-            torch.nn.Module.to(module, dtype=dtype)
+        if module is not None:
+            cast_module(module, dtype)
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module` to `dtype`, without diffusers' fp32-modules warning when it names none (see `_cast`)."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(dtype=dtype)
+    else:
+        torch.nn.Module.to(module, dtype=dtype)
 
 
 def _modules(components: SDComponents) -> tuple[torch.nn.Module | None, ...]:
