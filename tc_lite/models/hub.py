@@ -41,7 +41,10 @@ def snapshot(repo_id: str, patterns: list[str], *, revision: str | None = None, 
     from huggingface_hub.utils import HFValidationError
 
     offline = hub_offline()
-    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    # only what tc-lite reads: a bare `hf download` fetches every variant and format the repo holds (SDXL base:
+    # single files, fp16 copies, ONNX/OpenVINO exports) where tc-lite needs the fp32 safetensors (~14 GB)
+    download = (f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+                + " --include " + " ".join(f"'{p}'" for p in patterns))
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=hub_cache_dir(), local_files_only=offline,
                                       allow_patterns=patterns))
