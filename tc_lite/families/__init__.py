@@ -14,7 +14,7 @@ from tc_lite.families.base import EncoderSlot, ModelFamily
 from tc_lite.families.sd1 import SD1
 from tc_lite.families.sdxl import SDXL
 
-FAMILIES: dict[str, ModelFamily] = {"sdxl": SDXL(), "sd1": SD1()}  # SD1 last: it takes whatever is left
+FAMILIES: dict[str, ModelFamily] = {"sdxl": SDXL(), "sd1": SD1()}
 
 __all__ = ["FAMILIES", "EncoderSlot", "ModelFamily", "family_for", "family_of", "load_model"]
 

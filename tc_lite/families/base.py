@@ -1,8 +1,8 @@
 """The model-family seam: everything that differs between SD1.x and SDXL (and later families) lives behind it.
 
-A family owns: recognising and loading its checkpoints, its tokenizer/text-encoder pairs (`EncoderSlot`s), how
-prompts become UNet conditioning (`encode` -> `Cond`), which modules take an adapter and under which kohya prefix,
-and the shapes the memory estimator builds. Sampling, the recipe, the prefix cache, export, inference,
+A family owns: loading its checkpoints (which family a source is, `tc_lite.models.detect` reads from its configs or
+keys), its tokenizer/text-encoder pairs (`EncoderSlot`s), how prompts become UNet conditioning (`encode`, `uncond`
+-> `Cond`), which modules take an adapter and under which kohya prefix, and the shapes the memory estimator builds. Sampling, the recipe, the prefix cache, export, inference,
 evaluation, the estimator and bench ask the family and never assume one text encoder.
 """
 
@@ -63,13 +63,16 @@ class ModelFamily:
 
     # ------------------------------------------------------------------------------------------ loading
 
-    def recognises(self, source: str) -> bool:
-        """Whether `source` (a folder, a single file, a hub id) is a model of this family, from configs/keys only."""
-        raise NotImplementedError
-
     def load(self, model_cfg: Any, dtype: torch.dtype) -> Any:
-        """The components (tokenizers, encoders, UNet, VAE, scheduler) for the `model` preset section."""
-        raise NotImplementedError
+        """The components (tokenizers, encoders, UNet, VAE, scheduler) for the `model` preset section; which family
+        a source is was decided before (`tc_lite.models.detect`), from its configs or keys."""
+        from tc_lite.models.loading import load_components
+
+        comps = load_components(model_cfg.source, dtype=dtype, config_dir=model_cfg.config_dir,
+                                allow_pickle=model_cfg.allow_pickle, revision=model_cfg.revision,
+                                family=self.name, vae=model_cfg.vae)
+        comps.family = self.name
+        return comps
 
     # ------------------------------------------------------------------------------------------ encoders
 

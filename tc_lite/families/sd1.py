@@ -26,18 +26,6 @@ class SD1(ModelFamily):
     slots = (EncoderSlot("te", "text_encoder", "tokenizer", "lora_te", "CLIP ViT-L/14 text encoder"),)
     lora_targets = TEXT_LORA_TARGETS
 
-    def recognises(self, source: str) -> bool:
-        return True  # the loader refuses other families with a message naming what it found
-
-    def load(self, model_cfg: Any, dtype: torch.dtype) -> Any:
-        from tc_lite.models.loading import load_components
-
-        comps = load_components(model_cfg.source, dtype=dtype, config_dir=model_cfg.config_dir,
-                                allow_pickle=model_cfg.allow_pickle, revision=model_cfg.revision,
-                                family=self.name, vae=model_cfg.vae)
-        comps.family = self.name
-        return comps
-
     def encode(self, components: Any, prompts: list[str], *, encoders: Mapping[str, torch.nn.Module] | None = None,
                size: tuple[int, int] | None = None) -> Cond:
         slot = self.slots[0]

@@ -34,20 +34,6 @@ class SDXL(ModelFamily):
     )
     lora_targets = TEXT_LORA_TARGETS
 
-    def recognises(self, source: str) -> bool:
-        from tc_lite.models.detect import detect_family
-
-        return detect_family(source).family == "sdxl"
-
-    def load(self, model_cfg: Any, dtype: torch.dtype) -> Any:
-        from tc_lite.models.loading import load_components
-
-        comps = load_components(model_cfg.source, dtype=dtype, config_dir=model_cfg.config_dir,
-                                allow_pickle=model_cfg.allow_pickle, revision=model_cfg.revision,
-                                family=self.name, vae=model_cfg.vae)
-        comps.family = self.name
-        return comps
-
     def encode(self, components: Any, prompts: list[str], *, encoders: Mapping[str, torch.nn.Module] | None = None,
                size: tuple[int, int] | None = None) -> Cond:
         hidden, pooled = [], None
