@@ -77,11 +77,10 @@ def _meta(sd: dict[str, torch.Tensor], **over) -> dict[str, str]:
 
 
 def _pipe(xl, te1: torch.nn.Module | None = None, te2: torch.nn.Module | None = None):
-    from diffusers import StableDiffusionXLPipeline
+    from tc_lite.families import FAMILIES
 
-    return StableDiffusionXLPipeline(vae=xl.vae, text_encoder=copy.deepcopy(te1 or xl.text_encoder),
-                                     text_encoder_2=copy.deepcopy(te2 or xl.text_encoder_2), tokenizer=xl.tokenizer,
-                                     tokenizer_2=xl.tokenizer_2, unet=xl.unet, scheduler=xl.scheduler)
+    return FAMILIES["sdxl"].pipeline(xl, text_encoder=copy.deepcopy(te1 or xl.text_encoder),
+                                     text_encoder_2=copy.deepcopy(te2 or xl.text_encoder_2))
 
 
 def _embeds(pipe) -> tuple[torch.Tensor, torch.Tensor]:

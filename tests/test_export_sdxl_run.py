@@ -29,12 +29,10 @@ PER_ENCODER = ["lora.per_encoder.te1.rank=4", "lora.per_encoder.te1.alpha=3", "l
 
 @pytest.fixture(scope="module")
 def xl_folder(xl, tmp_path_factory) -> Path:  # noqa: F811
-    from diffusers import StableDiffusionXLPipeline
+    from tc_lite.families import FAMILIES
 
     folder = tmp_path_factory.mktemp("tiny_sdxl")
-    StableDiffusionXLPipeline(vae=xl.vae, text_encoder=xl.text_encoder, text_encoder_2=xl.text_encoder_2,
-                              tokenizer=xl.tokenizer, tokenizer_2=xl.tokenizer_2, unet=xl.unet,
-                              scheduler=xl.scheduler).save_pretrained(folder)
+    FAMILIES["sdxl"].pipeline(xl).save_pretrained(folder)
     return folder
 
 

@@ -26,12 +26,9 @@ def comps():
 
 @pytest.fixture(scope="module")
 def pipe(comps):
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=comps.text_encoder,
-                                     text_encoder_2=comps.text_encoder_2, tokenizer=comps.tokenizer,
-                                     tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=comps.scheduler,
-                                     force_zeros_for_empty_prompt=True)
+    pipe = SDXL.pipeline(comps)
+    assert pipe.config.force_zeros_for_empty_prompt is True
+    return pipe
 
 
 PROMPTS = ["a red square", "a blue circle on grey"]

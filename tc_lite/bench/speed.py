@@ -195,22 +195,9 @@ def speed_report(cfg: Any, model: str | None = None, repeats: int = 3,
 
 
 def _diffusers_pipeline(r: Any) -> Any:
-    """diffusers' pipeline of the family (SD1: `StableDiffusionPipeline`, SDXL: `StableDiffusionXLPipeline`) on
-    the recipe's own modules."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    comps, scheduler = r.components, r.renderer.denoiser.scheduler
-    shared = dict(vae=comps.vae, unet=comps.unet, scheduler=type(scheduler).from_config(scheduler.config))
-    slots = r.family.slots
-    if r.family.name == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            text_encoder=slots[0].encoder(comps), tokenizer=slots[0].tokenizer(comps),
-            text_encoder_2=slots[1].encoder(comps), tokenizer_2=slots[1].tokenizer(comps),
-            force_zeros_for_empty_prompt=comps.extra.get("force_zeros_for_empty_prompt", True), **shared)
-    else:
-        pipe = StableDiffusionPipeline(text_encoder=slots[0].encoder(comps), tokenizer=slots[0].tokenizer(comps),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                                       **shared)
+    """diffusers' pipeline of the family on the recipe's own modules, with a fresh copy of the render scheduler."""
+    scheduler = r.renderer.denoiser.scheduler
+    pipe = r.family.pipeline(r.components, scheduler=type(scheduler).from_config(scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -74,6 +74,11 @@ class ModelFamily:
         comps.family = self.name
         return comps
 
+    def pipeline(self, components: Any, **replace: Any) -> Any:
+        """diffusers' own pipeline of this family on `components` (for saving a model and for parity checks);
+        `replace` swaps modules in by pipeline argument name (`scheduler=`, `text_encoder=`)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------------------------ encoders
 
     def encoders(self, components: Any) -> dict[str, torch.nn.Module]:

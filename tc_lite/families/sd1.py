@@ -26,6 +26,14 @@ class SD1(ModelFamily):
     slots = (EncoderSlot("te", "text_encoder", "tokenizer", "lora_te", "CLIP ViT-L/14 text encoder"),)
     lora_targets = TEXT_LORA_TARGETS
 
+    def pipeline(self, components: Any, **replace: Any) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        parts = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                     unet=components.unet, scheduler=components.scheduler)
+        return StableDiffusionPipeline(**{**parts, **replace}, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
     def encode(self, components: Any, prompts: list[str], *, encoders: Mapping[str, torch.nn.Module] | None = None,
                size: tuple[int, int] | None = None) -> Cond:
         slot = self.slots[0]

@@ -34,6 +34,17 @@ class SDXL(ModelFamily):
     )
     lora_targets = TEXT_LORA_TARGETS
 
+    def pipeline(self, components: Any, **replace: Any) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        parts = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                     text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2,
+                     unet=components.unet, scheduler=components.scheduler)
+        return StableDiffusionXLPipeline(
+            **{**parts, **replace},
+            force_zeros_for_empty_prompt=bool(components.extra.get("force_zeros_for_empty_prompt", True)),
+            add_watermarker=False)  # needs the invisible-watermark package; SDXL base's model_index says null
+
     def encode(self, components: Any, prompts: list[str], *, encoders: Mapping[str, torch.nn.Module] | None = None,
                size: tuple[int, int] | None = None) -> Cond:
         hidden, pooled = [], None

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -134,8 +134,13 @@ def tiny_spec(seed: int = 0) -> dict[str, Any]:
 
 
 def tiny_cache_path(seed: int = 0) -> Path:
-    digest = hashlib.sha256(json.dumps(tiny_spec(seed), sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / "tiny" / f"{TINY_VERSION}-{digest}.safetensors"
+    return spec_cache_path(TINY_VERSION, tiny_spec(seed))
+
+
+def spec_cache_path(version: str, spec: Mapping[str, Any]) -> Path:
+    """Where a tiny model's pretrained weights are cached: named by its version and a hash of its whole spec."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "tiny" / f"{version}-{digest}.safetensors"
 
 
 def build_tiny_components(seed: int = 0, pretrain: bool = True) -> SDComponents:
@@ -362,25 +367,22 @@ def save_tiny_model(out_dir: Path, single_file: Path | None = None, *, component
 
     `components` lets a caller save a model it already built (default: `build_tiny_components()`).
     """
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
+    from tc_lite.families.sd1 import SD1
     from tc_lite.models.ldm_keys import ldm_state_dict
 
     c = components or build_tiny_components()
-    pipe = StableDiffusionPipeline(
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        unet=c.unet,
-        scheduler=c.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    write_pipeline(c, SD1(), out_dir, single_file, ldm_state_dict, TINY_VERSION)
+
+
+def write_pipeline(c: SDComponents, family: ModelFamily, out_dir: Path, single_file: Path | None,
+                   ldm_tensors: Callable[[SDComponents], dict[str, torch.Tensor]], version: str) -> None:
+    """`c` as the family's diffusers folder and, with `single_file`, as one original-layout `.safetensors` file
+    (`ldm_tensors` names the weights as A1111/ComfyUI do), written atomically."""
+    from safetensors.torch import save_file
+
+    family.pipeline(c).save_pretrained(str(out_dir), safe_serialization=True)
     if single_file is not None:
-        tensors = {k: v.contiguous() for k, v in ldm_state_dict(c).items()}
-        meta = {"format": "pt", "tc_lite": TINY_VERSION}
+        tensors = {k: v.contiguous() for k, v in ldm_tensors(c).items()}
+        meta = {"format": "pt", "tc_lite": version}
         Path(single_file).parent.mkdir(parents=True, exist_ok=True)
         atomic_file(Path(single_file), lambda tmp: save_file(tensors, str(tmp), metadata=meta))

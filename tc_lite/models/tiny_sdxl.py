@@ -17,14 +17,11 @@ samples with. The VAE is the tiny SD1's, already pretrained (see `_VAE`); the UN
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tc_lite.models._cache import cache_root
 from tc_lite.models.components import SDComponents
 from tc_lite.models.tiny import (
     TINY_COLOURS,
@@ -33,7 +30,9 @@ from tc_lite.models.tiny import (
     TINY_VAE,
     build_tiny_components,
     load_or_pretrain,
+    spec_cache_path,
     tiny_cache_path,
+    write_pipeline,
 )
 from tc_lite.models.tokenizer import clip_tokenizer
 
@@ -121,8 +120,7 @@ def tiny_sdxl_spec(seed: int = 0) -> dict[str, Any]:
 
 
 def tiny_sdxl_cache_path(seed: int = 0) -> Path:
-    digest = hashlib.sha256(json.dumps(tiny_sdxl_spec(seed), sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / "tiny" / f"{TINY_SDXL_VERSION}-{digest}.safetensors"
+    return spec_cache_path(TINY_SDXL_VERSION, tiny_sdxl_spec(seed))
 
 
 def build_tiny_sdxl_components(seed: int = 0, pretrain: bool = True) -> SDComponents:
@@ -176,27 +174,8 @@ def save_tiny_sdxl_model(out_dir: Path, single_file: Path | None = None, *,
 
     `components` lets a caller save a model it already built (default: `build_tiny_sdxl_components()`).
     """
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import save_file
-
-    from tc_lite.models._cache import atomic_file
+    from tc_lite.families.sdxl import SDXL
     from tc_lite.models.ldm_keys import sdxl_ldm_state_dict
 
     c = components or build_tiny_sdxl_components()
-    pipe = StableDiffusionXLPipeline(
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        text_encoder_2=c.text_encoder_2,
-        tokenizer=c.tokenizer,
-        tokenizer_2=c.tokenizer_2,
-        unet=c.unet,
-        scheduler=c.scheduler,
-        force_zeros_for_empty_prompt=bool(c.extra.get("force_zeros_for_empty_prompt", True)),
-        add_watermarker=False,  # needs the invisible-watermark package; SDXL base's model_index says null
-    )
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
-    if single_file is not None:
-        tensors = {k: v.contiguous() for k, v in sdxl_ldm_state_dict(c).items()}
-        meta = {"format": "pt", "tc_lite": TINY_SDXL_VERSION}
-        Path(single_file).parent.mkdir(parents=True, exist_ok=True)
-        atomic_file(Path(single_file), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_pipeline(c, SDXL(), out_dir, single_file, sdxl_ldm_state_dict, TINY_SDXL_VERSION)

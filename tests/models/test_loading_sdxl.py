@@ -30,13 +30,8 @@ def tiny_xl() -> SDComponents:
 
 @pytest.fixture(scope="module")
 def xl_folder(tiny_xl, tmp_path_factory) -> Path:
-    from diffusers import StableDiffusionXLPipeline
-
-    c = tiny_xl
     folder = tmp_path_factory.mktemp("xl") / "tiny-sdxl"
-    StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
-                              tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet,
-                              scheduler=c.scheduler).save_pretrained(str(folder))
+    SDXL.pipeline(tiny_xl).save_pretrained(str(folder))
     return folder
 
 
