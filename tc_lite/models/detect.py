@@ -51,7 +51,7 @@ def _found(kind: str, evidence: str) -> Detection:
 
 
 def folder_family(folder: Path) -> Detection:
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     cls = str(index.get("_class_name", ""))
     if "StableDiffusion3" in cls or (folder / "text_encoder_3").is_dir():
         return _found("sd3", f"model_index.json: {cls or 'text_encoder_3'}")
@@ -62,7 +62,7 @@ def folder_family(folder: Path) -> Detection:
             return _found("sdxl_refiner", "text_encoder_2 without text_encoder" if not (folder / "text_encoder").is_dir()
                           else "model_index.json: requires_aesthetics_score")
         return _found("sdxl", "it has text_encoder and text_encoder_2")
-    unet = _read_json(folder / "unet" / "config.json")
+    unet = read_json(folder / "unet" / "config.json")
     if unet.get("addition_embed_type") == "text_time":
         return _found("sdxl", "unet/config.json: addition_embed_type text_time")
     if unet.get("cross_attention_dim") == 1024:
@@ -80,6 +80,11 @@ def file_family(path: Path) -> Detection:
             keys = list(f.keys())
     except Exception:  # noqa: BLE001 - an unreadable file is the loader's message to give
         return Detection("sd1", "unknown", "unreadable")
+    return keys_family(keys)
+
+
+def keys_family(keys: list[str]) -> Detection:
+    """A single file's family from its key names (`ldm_keys.checkpoint_family`), with the keys that decided."""
     from tc_lite.models.ldm_keys import checkpoint_family
 
     kind = checkpoint_family(keys)
@@ -110,7 +115,8 @@ def hub_family(repo_id: str, revision: str | None = None) -> Detection:
     return Detection("sd1", "sd1", "hub id")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON config as a dict; {} when it is missing or unreadable (the caller decides what that means)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -21,15 +21,21 @@ from tc_lite.errors import UserError
 from tc_lite.models._cache import atomic_dir, cache_root
 from tc_lite.models.components import SDComponents
 from tc_lite.models.hub import snapshot
-from tc_lite.models.ldm_keys import UNET_PREFIX, VAE_PREFIX, checkpoint_family
+from tc_lite.models.detect import read_json
+from tc_lite.models.ldm_keys import UNET_PREFIX, VAE_PREFIX
 from tc_lite.models.tokenizer import PAD_TOKENS, clip_tokenizer_dir
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"  # package data: ship tc_lite/assets/**
-_LABEL = {"sd1": "SD1.x", "sdxl": "SDXL"}
 # tokenizer subfolder -> its pad token, text encoder subfolders, per family
 _TOKENIZERS = {"sd1": {"tokenizer": "<|endoftext|>"}, "sdxl": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}}
 _ENCODERS = {"sd1": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+
+
+def _label(family: str) -> str:
+    from tc_lite.families import FAMILIES
+
+    return FAMILIES[family].label
 
 
 def _subfolders(family: str) -> tuple[str, ...]:
@@ -197,19 +203,12 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, label: st
                       vae=AutoencoderKL.from_pretrained(str(folder), subfolder="vae", **weights),
                       scheduler=scheduler_class.from_pretrained(str(folder), subfolder="scheduler"))
     except (OSError, ValueError) as err:
-        raise UserError(f"{label} could not be loaded as a diffusers {_LABEL[family]} folder: {err}") from err
+        raise UserError(f"{label} could not be loaded as a diffusers {_label(family)} folder: {err}") from err
     comps = SDComponents(**parts)
     if family == "sdxl":
-        index = _read_json(folder / "model_index.json")
+        index = read_json(folder / "model_index.json")
         comps.extra["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
     return comps
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _check_folder(folder: Path, label: str, allow_pickle: bool, family: str) -> None:
@@ -219,12 +218,12 @@ def _check_folder(folder: Path, label: str, allow_pickle: bool, family: str) -> 
     if found.kind in UNSUPPORTED:
         raise UserError(found.message(label))
     if found.family not in (None, family) and found.kind != "unknown":
-        raise UserError(f"{label} looks like an {_LABEL[found.family]} model ({found.evidence}) but model.family "
+        raise UserError(f"{label} looks like an {_label(found.family)} model ({found.evidence}) but model.family "
                         f"is {family}; set model.family: auto (or {found.family}).")
     missing = [s for s in _subfolders(family) if not (folder / s).is_dir()]
     if missing:
         raise UserError(
-            f"{label} is not a diffusers {_LABEL[family]} pipeline folder: missing {', '.join(missing)}. Point "
+            f"{label} is not a diffusers {_label(family)} pipeline folder: missing {', '.join(missing)}. Point "
             "model.source at the folder that holds model_index.json, or at a single .safetensors checkpoint."
         )
     if not allow_pickle:
@@ -246,7 +245,7 @@ def _load_file(path: Path, dtype: torch.dtype, config_dir: str | None, allow_pic
         raise UserError(f"model.source: {path} is neither a .safetensors checkpoint nor a diffusers folder.")
     else:
         _check_single_file(path, family)
-    label = _LABEL[family]
+    label = _label(family)
     config = Path(config_dir).expanduser() if config_dir else bundled_config_dir(family)
     if not (config / "model_index.json").is_file():
         raise UserError(
@@ -278,7 +277,7 @@ def _check_single_file(path: Path, family: str = "sd1") -> None:
     """Refuse, with a clear reason, files that diffusers would misload or fail on deep inside."""
     from safetensors import SafetensorError, safe_open
 
-    from tc_lite.models.detect import UNSUPPORTED, file_family
+    from tc_lite.models.detect import TRAINABLE, UNSUPPORTED, keys_family
 
     conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
     try:
@@ -287,12 +286,12 @@ def _check_single_file(path: Path, family: str = "sd1") -> None:
             conv_in_shape = f.get_slice(conv_in).get_shape() if conv_in in keys else []
     except (SafetensorError, OSError) as err:
         raise UserError(f"{path} is not a readable .safetensors file ({err}); re-download it.") from err
-    kind = checkpoint_family(keys)
-    label = _LABEL[family]
+    found = keys_family(keys)
+    kind, label = found.kind, _label(family)
     if kind in UNSUPPORTED:
-        raise UserError(file_family(path).message(str(path)))
-    if kind in _LABEL and kind != family:
-        raise UserError(f"{path} looks like an {_LABEL[kind]} checkpoint but model.family is {family}; set "
+        raise UserError(found.message(str(path)))
+    if kind in TRAINABLE and kind != family:
+        raise UserError(f"{path} looks like an {_label(kind)} checkpoint but model.family is {family}; set "
                         f"model.family: auto (or {kind}).")
     if kind == "lora":
         raise UserError(f"{path} is a LoRA, not a base model. Set model.source to the {label} checkpoint it was "
