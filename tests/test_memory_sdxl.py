@@ -21,7 +21,7 @@ from tc_lite.memory import estimate_memory, plan_memory
 from tc_lite.memory.estimate import GiB
 from tc_lite.memory.plan import budget_bytes
 from tc_lite.memory.tracker import MemoryTracker
-from tests.test_memory import ROOT, TINY, estimate_once, preset_estimate
+from tests.test_memory import ROOT, TINY, assert_estimate_matches_a_real_step, estimate_once, preset_estimate
 
 SDXL_PRESETS = {"sdxl-aesthetic.yaml": 20.0, "sdxl-12gb.yaml": 10.5}  # issue 12's targets, GiB
 
@@ -57,23 +57,7 @@ def test_estimate_matches_a_real_training_step_of_the_tiny_sdxl(tmp_path, untrai
     from tc_lite.train import Recipe
 
     cfg = tiny_sdxl_cfg(tmp_path, "train.grad_accum=1", *extra)
-    est = estimate_memory(cfg)
-    recipe = Recipe(cfg, log=lambda s: None).setup()
-    recipe.train_step()  # steady state: the optimizer state exists
-    comps = recipe.components
-    tracker = MemoryTracker("cpu", round_to=1)
-    modules = [comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2]
-    tracker.tag([t for m in modules for t in (*m.parameters(), *m.buffers())], "parameters")
-    tracker.tag([t for s in recipe.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)],
-                "optimizer")
-    base = recipe.trainer.uncond_base
-    tracker.tag([base.hidden, *(base.added or {}).values()], "activations")
-    with tracker:
-        recipe.train_step()
-    resident = sum(est.resident.values()) + est.optimizer_state
-    assert abs(est.peak - tracker.peak) / tracker.peak < 0.10, (est.peak, tracker.peak)
-    act_est, act_real = est.peak - resident, tracker.peak - resident
-    assert abs(act_est - act_real) / act_real < 0.10, (act_est, act_real)
+    assert_estimate_matches_a_real_step(estimate_memory(cfg), Recipe(cfg, log=lambda s: None).setup())
 
 
 def test_the_estimate_feeds_the_unet_pooled_and_time_id_conditioning(tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ only te2 leaves te1 alone, and the LoRA file holds the modules kohya names for S
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 from tc_lite.config import load_config
 from tc_lite.train import Recipe, run_training
+from tests.test_train import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "tiny-sdxl-cpu.yaml"
@@ -27,10 +27,6 @@ def tiny_sdxl():
 
 def cfg_for(tmp_path: Path, *overrides: str):
     return load_config(PRESET, [f"output.dir={tmp_path / 'run'}", "logging.progress=false", *overrides])
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_tiny_sdxl_preset_learns(tmp_path, tiny_sdxl):

@@ -64,7 +64,13 @@ def test_synthetic_data_mean_colours():
 
 def test_prompts_change_the_image_colour(tiny, sample):
     """DDIM 10 steps, CFG 4, eight seeds: red vs blue (and green) squares decode to clearly different colours."""
-    means = {c: sample(tiny, [f"a {c} square"] * 8, seed=11).mean((0, 2, 3)) for c in ("red", "green", "blue")}
+    assert_follows_the_colour(lambda prompts: sample(tiny, prompts, seed=11))
+
+
+def assert_follows_the_colour(sample) -> None:
+    """`sample(prompts)` -> images: eight of each of red, green and blue squares (the same noise for every prompt)
+    decode to images whose mean colour is clearly the one asked for."""
+    means = {c: sample([f"a {c} square"] * 8).mean((0, 2, 3)) for c in ("red", "green", "blue")}
     r, g, b = means["red"], means["green"], means["blue"]
     assert r[0] - b[0] > COLOUR_MARGIN and b[2] - r[2] > COLOUR_MARGIN, (r, b)
     assert g[1] - r[1] > COLOUR_MARGIN and g[1] - b[1] > COLOUR_MARGIN, (r, g, b)
