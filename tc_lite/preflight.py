@@ -107,10 +107,9 @@ def _lora_problems(cfg: Config) -> list[str]:
         if name not in slots:
             problems.append(f"lora.per_encoder.{name}: not a text encoder of {family.label}"
                             f"{_did_you_mean(name, slots)}; choose from {', '.join(slots)}")
-    from tc_lite.adapters import encoder_settings
+    from tc_lite.adapters import encoder_settings, selected_slots
 
-    trained = [n for n in slots if cfg.lora.encoders is None or n in cfg.lora.encoders]
-    if all(encoder_settings(cfg.lora, n)["mode"] == "full" for n in trained):
+    if all(encoder_settings(cfg.lora, s.name)["mode"] == "full" for s in selected_slots(cfg.lora, family)):
         return problems  # no LoRA anywhere: targets do not matter
     valid = list(family.lora_targets)
     for i, target in enumerate(cfg.lora.targets):

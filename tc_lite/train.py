@@ -26,10 +26,9 @@ from .families import load_model
 from .interrupts import Interrupted, StopRequest
 from .memory.oom import out_of_memory_message
 from .models import freeze_and_cast
-from .models.loading import cast_module
 from .optim import build_optimizer, build_schedule
 from .outputs import MetricsLog, ProgressBar, make_grid
-from .precision import resolve_precision, set_attention, vae_dtype
+from .precision import resolve_precision, set_attention
 from .render import RenderPlan, Renderer
 from .rewards import RewardMix, build_reward
 from .run_folder import RunFolder
@@ -72,8 +71,7 @@ class Recipe:
         prompts = load_prompts(cfg.data.prompts, column=cfg.data.column)
 
         self.family, comps = load_model(cfg.model, p.weight_dtype)
-        freeze_and_cast(comps, p.weight_dtype)
-        cast_module(comps.vae, vae_dtype(cfg.memory, comps.vae, p.weight_dtype))  # SDXL's VAE overflows in fp16
+        freeze_and_cast(comps, p.weight_dtype, cfg.memory)  # the VAE in fp32 where fp16 would overflow (SDXL's)
         if next(comps.vae.parameters()).dtype != p.weight_dtype:
             self.log("the VAE decodes in fp32 (it overflows in fp16); model.vae: madebyollin/sdxl-vae-fp16-fix or "
                      "memory.precision: bf16 (where the card has it) avoid the extra memory")

@@ -76,8 +76,8 @@ def run_sample(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     from tc_lite.config import MemoryConfig, ModelConfig
     from tc_lite.families import load_model
     from tc_lite.inference import default_size, encode_prompts, sample_images
-    from tc_lite.models.loading import cast_module
-    from tc_lite.precision import resolve_precision, vae_dtype
+    from tc_lite.models import freeze_and_cast
+    from tc_lite.precision import resolve_precision
 
     loras = [Path(p) for p in (args.lora or [])]
     for p in loras:
@@ -90,9 +90,9 @@ def run_sample(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     prec = resolve_precision(MemoryConfig(device=args.device, precision=args.precision))
     family, comps = load_model(ModelConfig(source=args.model, config_dir=args.config_dir, vae=args.vae,
                                            allow_pickle=args.allow_pickle), prec.weight_dtype)
-    cast_module(comps.vae, vae_dtype(MemoryConfig(), comps.vae, prec.weight_dtype))  # SDXL's VAE overflows in fp16
+    freeze_and_cast(comps, prec.weight_dtype)  # the VAE in fp32 where fp16 would overflow (SDXL's)
     for m in (*family.encoders(comps).values(), comps.unet, comps.vae):
-        m.requires_grad_(False).eval().to(prec.device)
+        m.eval().to(prec.device)
     size = (args.height or default_size(comps), args.width or default_size(comps))
     emb = encode_prompts(comps, args.prompt, loras, negative_prompt=args.negative_prompt, size=size)
     columns = [sample_images(comps, emb, args.seeds, w, tuned_steps=args.tuned_steps, steps=args.steps,

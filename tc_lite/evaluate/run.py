@@ -29,21 +29,19 @@ class _Renderer:
 
     def __init__(self, model: Any, loras: Sequence[Any], settings: EvalSettings, prec: Any,
                  log: Callable[[str], None]):
-        from tc_lite.config import MemoryConfig, ModelConfig
+        from tc_lite.config import ModelConfig
         from tc_lite.families import family_of, load_model
         from tc_lite.inference import default_size, tuned_encoders
         from tc_lite.models import freeze_and_cast
-        from tc_lite.models.loading import cast_module
         from tc_lite.models.components import SDComponents
-        from tc_lite.precision import set_attention, vae_dtype
+        from tc_lite.precision import set_attention
 
         options = dict(settings.model_options or {})
         if isinstance(model, SDComponents):
             comps = model
         else:
             comps = load_model(ModelConfig(source=str(model), **options), prec.weight_dtype)[1]
-        freeze_and_cast(comps, prec.weight_dtype)
-        cast_module(comps.vae, vae_dtype(MemoryConfig(), comps.vae, prec.weight_dtype))  # SDXL's VAE overflows in fp16
+        freeze_and_cast(comps, prec.weight_dtype)  # the VAE in fp32 where fp16 would overflow (SDXL's)
         for m in (comps.unet, comps.vae, *family_of(comps).encoders(comps).values()):
             m.to(prec.device).eval()
         set_attention(comps.unet, "sdpa", prec.device, warn=log)

@@ -14,6 +14,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -133,12 +134,17 @@ def _load_tiny(source: str, family: str) -> SDComponents:
     return build_tiny_components()
 
 
-def freeze_and_cast(components: SDComponents, dtype: torch.dtype) -> None:
-    """Freeze every weight and cast the frozen models to `dtype` (LoRA weights are added later, in fp32)."""
+def freeze_and_cast(components: SDComponents, dtype: torch.dtype, memory_cfg: Any = None) -> None:
+    """Freeze every weight and cast the frozen models to `dtype` (LoRA weights are added later, in fp32); the VAE
+    to the dtype `memory.vae_precision` (default auto) gives it: fp32 where fp16 would overflow (SDXL's VAE)."""
+    from tc_lite.config import MemoryConfig
+    from tc_lite.precision import vae_dtype
+
     for module in _modules(components):
         if module is not None:
             module.requires_grad_(False)
     _cast(components, dtype)
+    cast_module(components.vae, vae_dtype(memory_cfg or MemoryConfig(), components.vae, dtype))
 
 
 def _cast(components: SDComponents, dtype: torch.dtype) -> None:
