@@ -59,8 +59,9 @@ class PromptEncoder:
     """Prompts → `Cond` through the family, tuned or original.
 
     `tuned` runs the encoders as they are now (adapters on, gradients flowing into them); `base` runs them under
-    `adapters.original()` and `no_grad` (the two-encoder schedule's early steps, the unconditional embedding). The
-    encoders are looked up in `components` on every call, so an adapter may swap one in for its context.
+    the text-encoder adapters' `original()` and `no_grad` (the two-encoder schedule's early steps, the
+    unconditional embedding). The encoders are looked up in `components` on every call, so an adapter may swap one
+    in for its context. A UNet adapter is not theirs to switch: `Recipe.render(tuned=False)` does that.
     """
 
     def __init__(self, family: "ModelFamily", components: Any, adapters: "AdapterSet | None" = None,
@@ -77,7 +78,7 @@ class PromptEncoder:
     def base(self, prompts: Sequence[str]) -> Cond:
         if self.adapters is None:
             return self.tuned(prompts)
-        with self.adapters.original():
+        with self.adapters.original(only=self.adapters.keys("text_encoder")):
             return self.family.encode(self.components, list(prompts), size=self.size)
 
     def uncond_tuned(self, negative_prompt: str) -> Cond:
@@ -89,5 +90,5 @@ class PromptEncoder:
     def uncond_base(self, negative_prompt: str) -> Cond:
         if self.adapters is None:
             return self.uncond_tuned(negative_prompt)
-        with self.adapters.original():
+        with self.adapters.original(only=self.adapters.keys("text_encoder")):
             return self.family.uncond(self.components, negative_prompt, size=self.size)

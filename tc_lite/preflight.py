@@ -101,8 +101,9 @@ def _lora_problems(cfg: Config) -> list[str]:
         if name not in slots:
             problems.append(f"lora.encoders[{i}]: '{name}' is not a text encoder of {family.label}"
                             f"{_did_you_mean(name, slots)}; choose from {', '.join(slots)}")
-    if cfg.lora.encoders is not None and not cfg.lora.encoders:
-        problems.append(f"lora.encoders: empty, so nothing would train; list some of {', '.join(slots)} or use null")
+    if cfg.lora.encoders is not None and not cfg.lora.encoders and cfg.unet.mode == "none":
+        problems.append(f"lora.encoders: empty, so nothing would train; list some of {', '.join(slots)}, use null, "
+                        "or train the UNet alone with unet.mode=lora")
     for name in cfg.lora.per_encoder:
         if name not in slots:
             problems.append(f"lora.per_encoder.{name}: not a text encoder of {family.label}"

@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from .conditioning import Cond
 from .precision import autocast_for
 
-__all__ = ["SCHEDULERS", "Cond", "DenoisePlan", "Denoiser", "blockwise_checkpointing", "make_scheduler"]
+__all__ = ["SCHEDULERS", "Cond", "DenoisePlan", "Denoiser", "DriftPenalty", "blockwise_checkpointing",
+           "make_scheduler"]
 
 SCHEDULERS = ("ddim", "euler", "dpm++")
 
@@ -74,17 +75,45 @@ def blockwise_checkpointing(unet: torch.nn.Module, on: bool) -> Iterator[None]:
         unet.disable_gradient_checkpointing()
 
 
+class DriftPenalty:
+    """How far a trained UNet's noise predictions drift from the base UNet's (`unet.drift_weight`).
+
+    In every grad step the `Denoiser` also runs the UNet under `original` (its LoRA off), without gradients, on the
+    same latents and conditioning, and records mean((eps_tuned − eps_base)²); `take` returns their mean over the
+    denoise and forgets them. A KL-like anchor (for Gaussian steps of equal variance the KL is this squared
+    difference, scaled), which keeps the tuned model near the base where the reward does not pull.
+    """
+
+    def __init__(self, weight: float, original: Callable[[], ContextManager]):
+        self.weight = weight
+        self.original = original
+        self.terms: list[torch.Tensor] = []
+
+    def observe(self, tuned: torch.Tensor, base: Callable[[], torch.Tensor]) -> None:
+        with torch.no_grad(), self.original():
+            ref = base()
+        self.terms.append(((tuned - ref) ** 2).mean())
+
+    def take(self) -> torch.Tensor | None:
+        if not self.terms:
+            return None
+        out, self.terms = torch.stack(self.terms).mean(), []
+        return out
+
+
 class Denoiser:
     """Runs the scheduler loop; the same object serves training (grad tail) and plain sampling (grad_steps=0)."""
 
-    def __init__(self, unet: torch.nn.Module, scheduler: Any, autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+    def __init__(self, unet: torch.nn.Module, scheduler: Any, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 drift: DriftPenalty | None = None):
         self.unet = unet
         self.scheduler = scheduler
         self.autocast = autocast_for(unet, autocast)  # none for a frozen half-precision UNet: it runs natively
         self.dtype = next(unet.parameters()).dtype
+        self.drift = drift  # observes the grad steps' UNet calls (a trained UNet's drift from the base)
 
     def _eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond, guidance: float,
-             use_checkpoint: bool, blocks: bool = False) -> torch.Tensor:
+             use_checkpoint: bool, blocks: bool = False, drift: DriftPenalty | None = None) -> torch.Tensor:
         n = latents.shape[0]
         both = Cond.cat(uncond.expand(n), cond)
         x = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
@@ -101,6 +130,8 @@ class Denoiser:
             out = checkpoint(call, x, both.hidden, use_reentrant=False)
         else:
             out = call(x, both.hidden)
+        if drift is not None:
+            drift.observe(out, lambda: call(x, both.hidden))
         e_uncond, e_cond = out.chunk(2)
         return e_uncond + guidance * (e_cond - e_uncond)
 
@@ -132,6 +163,6 @@ class Denoiser:
             cond, uncond = (late, uncond_late) if grad else (early, uncond_early)
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 eps = self._eps(latents, t, cond, uncond, plan.guidance_scale, plan.checkpoint and grad,
-                                plan.checkpoint_blocks and grad)
+                                plan.checkpoint_blocks and grad, self.drift if torch.is_grad_enabled() else None)
                 latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
         return latents

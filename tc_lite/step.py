@@ -31,6 +31,7 @@ class StepStats:
     reward: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
     grad_steps: list[int] = field(default_factory=list)
+    drift: float | None = None  # mean squared drift of the UNet's noise predictions (unet.drift_weight > 0)
 
 
 class LatentSource(Protocol):
@@ -94,6 +95,10 @@ class TrainStep:
         total, parts = self.rewards(images, prompts)
         accum = self.train.grad_accum
         loss = -total.mean() / accum
+        drift = self.denoiser.drift.take() if self.denoiser.drift is not None else None
+        if drift is not None:  # unet.drift_weight: the tuned UNet's distance from the base UNet
+            loss = loss + self.denoiser.drift.weight * drift / accum  # type: ignore[union-attr]
+            stats.drift = (stats.drift or 0.0) + drift.item() / accum
         self.precision.scaler.scale(loss).backward()
         stats.loss += loss.item()
         stats.reward += total.mean().item() / accum

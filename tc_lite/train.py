@@ -7,6 +7,7 @@ prompt encoder, the rewards, the starting-latent source, the optimizer) and wire
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .adapters import build_adapters
+from .adapters import active_adapters, build_adapters
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .conditioning import PromptEncoder
 from .config import Config, save_config
@@ -32,7 +33,7 @@ from .precision import resolve_precision, set_attention
 from .render import RenderPlan, Renderer
 from .rewards import RewardMix, build_reward
 from .run_folder import RunFolder
-from .sampling import Denoiser, make_scheduler
+from .sampling import Denoiser, DriftPenalty, make_scheduler
 from .step import FreshNoise, StepStats, TrainStep, step_generator
 from .tracking import HeldOutEval, make_tracker
 
@@ -81,10 +82,11 @@ class Recipe:
         self.attention = set_attention(comps.unet, cfg.memory.attention, p.device, warn=self.log)
         configure_vae(comps.vae, cfg.memory.checkpoint_vae)
 
-        self.adapters = build_adapters(cfg.lora, self.family, comps)
+        self.adapters = build_adapters(cfg, self.family, comps)
         from .export.kohya import a1111_warning  # said now, not only when the file is written hours later
 
-        lora_tensors = {k: v for a in self.adapters if a.kind == "lora" for k, v in a.kohya_tensors().items()}
+        lora_tensors = {k: v for a in self.adapters if a.kind == "lora" and a.part == "text_encoder"
+                        for k, v in a.kohya_tensors().items()}
         if warning := a1111_warning(lora_tensors):
             self.log(warning)
         for a in self.adapters:
@@ -117,8 +119,12 @@ class Recipe:
         return self
 
     def _denoiser(self) -> Denoiser:
+        u = self.cfg.unet
+        drift = None
+        if u.mode == "lora" and u.drift_weight > 0:
+            drift = DriftPenalty(u.drift_weight, lambda: self.adapters.original(only=self.adapters.keys("unet")))
         return Denoiser(self.components.unet, make_scheduler(self.cfg.sampling.scheduler, self.components.scheduler),
-                        self.precision.autocast)
+                        self.precision.autocast, drift=drift)
 
     def _latent_source(self, prompts: list[str]) -> Any:
         """Fresh noise every step, or with `sampling.prefix_cache` the cached latent after step T−K."""
@@ -225,6 +231,7 @@ class Recipe:
                 trainer.micro_step(next(self.sampler), step_generator(cfg.train.seed, self.step, micro), stats)
         except torch.OutOfMemoryError:
             raise UserError(out_of_memory_message(cfg)) from None
+        self.adapters.drop_grads(active_adapters(cfg, self.adapters, self.step))  # unet.stage / unet.start_step
         norm, applied = trainer.optimizer_step()
         self.step += 1
         self.bad_steps = 0 if trainer.step_was_good(stats.loss, applied) else self.bad_steps + 1
@@ -237,6 +244,8 @@ class Recipe:
                   **{f"reward/{k}": v for k, v in stats.parts.items()},
                   "grad_norm": norm, "skipped": not applied, "bad_steps": self.bad_steps,
                   "lr": self.schedule.get_last_lr()[0], "grad_steps": stats.grad_steps}
+        if stats.drift is not None:
+            record["drift"] = stats.drift
         groups = self.optimizer.param_groups
         if len({g["lr"] for g in groups}) > 1:  # per-encoder learning rates (lora.per_encoder): log each
             record |= {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
@@ -273,11 +282,11 @@ class Recipe:
         """Images [N,3,H,W] for every (prompt, seed), with the tuned encoder on all steps (what users will get),
         adapters in eval mode (no LoRA dropout); `tuned=False` renders the base model."""
         neg = self.cfg.sampling.negative_prompt
-        with self.adapters.eval_mode():
+        with self.adapters.eval_mode(), contextlib.nullcontext() if tuned else self.adapters.original():
             e = self.encoder
             cond = (e.tuned if tuned else e.base)(list(prompts))
             uncond = (e.uncond_tuned if tuned else e.uncond_base)(neg)
-        return self.renderer.render(cond, uncond, seeds)
+            return self.renderer.render(cond, uncond, seeds)
 
     def save_samples(self, step: int) -> Path:
         lg = self.cfg.logging

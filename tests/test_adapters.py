@@ -17,7 +17,7 @@ PROMPTS = ["a red square", "a blue circle"]
 
 
 def lora_cfg(*overrides: str):
-    return load_config(None, ["lora.rank=4", "lora.alpha=4", *overrides]).lora
+    return load_config(None, ["lora.rank=4", "lora.alpha=4", *overrides])
 
 
 @pytest.fixture()

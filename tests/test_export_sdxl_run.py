@@ -47,7 +47,7 @@ def _make_run(run: Path, source: Path, *overrides: str) -> Path:
     cfg = load_config(PRESET, [f"model.source={source}", f"output.dir={run}", "output.name=xl",
                                "output.save_precision=fp32", *overrides])
     family, comps = load_model(cfg.model, torch.float32)
-    adapters = build_adapters(cfg.lora, family, comps)
+    adapters = build_adapters(cfg, family, comps)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in adapters.parameters():  # a LoRA's lora_B is zero at the start: move everything, as training does

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from tc_lite.adapters import build_adapters
-from tc_lite.config import LoraConfig
+from tc_lite.config import Config, LoraConfig
 from tc_lite.families import FAMILIES
 from tc_lite.inference import encode_prompts, sample_images, tuned_encoders
 from tc_lite.lora import ADAPTER_NAME, lora_layers
@@ -34,7 +34,7 @@ def trained(base):
     """A copy of the components with a LoRA on both encoders (random nonzero up weights) and its kohya file."""
     c = copy.copy(base)
     c.text_encoder, c.text_encoder_2 = copy.deepcopy(base.text_encoder), copy.deepcopy(base.text_encoder_2)
-    adapters = build_adapters(LoraConfig(rank=2, alpha=1.0), SDXL, c)
+    adapters = build_adapters(Config(lora=LoraConfig(rank=2, alpha=1.0)), SDXL, c)
     g = torch.Generator().manual_seed(0)
     for a in adapters:
         for _, layer in lora_layers(a.module()):

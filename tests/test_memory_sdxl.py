@@ -145,7 +145,7 @@ def test_the_sdxl_presets_meet_the_issue_targets(name):
     assert est.peak_gib <= SDXL_PRESETS[name], f"{name}: {est.peak_gib:.2f} GiB"
 
 
-def _sdxl_resident(lora_cfg, vae_bytes_per_value: int) -> dict[str, int]:
+def _sdxl_resident(cfg, vae_bytes_per_value: int) -> dict[str, int]:
     """What a run keeps on the device for SDXL base, from the meta-built family components and the real adapters:
     frozen weights in fp16, LoRAs in fp32, the VAE at `vae_bytes_per_value`."""
     from tc_lite.adapters import build_adapters
@@ -153,10 +153,10 @@ def _sdxl_resident(lora_cfg, vae_bytes_per_value: int) -> dict[str, int]:
     from tc_lite.memory.architectures import resolve_architecture
 
     family = FAMILIES["sdxl"]
-    cfg = load_config(ROOT / "presets" / "sdxl-aesthetic.yaml")
+    arch_cfg = load_config(ROOT / "presets" / "sdxl-aesthetic.yaml")
     with torch.device("meta"):
-        comps = family.meta_components(resolve_architecture(cfg))
-        adapters = {a.key: a for a in build_adapters(lora_cfg, family, comps)}
+        comps = family.meta_components(resolve_architecture(arch_cfg))
+        adapters = {a.key: a for a in build_adapters(cfg, family, comps)}
     def nbytes(m: torch.nn.Module, per_float: int = 2) -> int:  # integer buffers (position ids) keep their dtype
         return sum(t.numel() * (per_float if t.is_floating_point() else t.element_size())
                    for t in (*m.parameters(), *m.buffers()))
@@ -172,7 +172,7 @@ def test_sdxl_estimate_counts_both_encoders_their_loras_and_the_fp32_vae():
     """sdxl-aesthetic on an fp16 target: UNet, both text encoders, both LoRAs (rank 8) and SDXL's VAE upcast to
     fp32 (it states force_upcast), to the byte, and the setting line says so."""
     est = preset_estimate("sdxl-aesthetic.yaml")
-    want = _sdxl_resident(load_config(ROOT / "presets" / "sdxl-aesthetic.yaml").lora, 4)
+    want = _sdxl_resident(load_config(ROOT / "presets" / "sdxl-aesthetic.yaml"), 4)
     r = est.resident
     assert r["unet"] == want["unet"] and r["vae (encoder and decoder), fp32"] == want["vae"]
     for key in ("te1", "te2"):
@@ -196,10 +196,10 @@ def test_per_encoder_lora_settings_reach_the_estimate():
 
     with FakeTensorMode(allow_non_fake_inputs=True), MemoryTracker("cpu", 512) as tracker:
         resident = _Step(cfg, meta, _Target.of(cfg), tracker).resident
-    want = _sdxl_resident(cfg.lora, 2)
+    want = _sdxl_resident(cfg, 2)
     assert resident["text encoder te1 (frozen)"] == want["te te1"] and "lora te1 (fp32)" not in resident
     assert resident["lora te2 (fp32)"] == want["lora te2"] == 2 * _sdxl_resident(
-        load_config(ROOT / "presets" / "sdxl-12gb.yaml").lora, 2)["lora te2"]  # rank 16 = twice rank 8
+        load_config(ROOT / "presets" / "sdxl-12gb.yaml"), 2)["lora te2"]  # rank 16 = twice rank 8
     assert resident["vae (encoder and decoder)"] == want["vae"]  # the fp16-safe VAE stays fp16
 
 

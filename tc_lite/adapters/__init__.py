@@ -1,5 +1,5 @@
 """What a run trains, as objects (see `tc_lite.adapters.base`); `build_adapters` is the one place that reads
-`lora.mode` and `lora.per_encoder`."""
+`lora.mode`, `lora.per_encoder` and `unet.mode`, and `active_adapters` the one that reads the UNet's stage."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from typing import Any
 
 from tc_lite.adapters.base import Adapter, AdapterSet
 from tc_lite.adapters.text_encoder import FullTextEncoder, TextEncoderLoRA
+from tc_lite.adapters.unet import UNetLoRA
 
-__all__ = ["Adapter", "AdapterSet", "FullTextEncoder", "TextEncoderLoRA", "build_adapters", "encoder_settings",
-           "selected_slots"]
+__all__ = ["Adapter", "AdapterSet", "FullTextEncoder", "TextEncoderLoRA", "UNetLoRA", "active_adapters",
+           "build_adapters", "encoder_settings", "selected_slots"]
 
 
-def build_adapters(lora_cfg: Any, family: Any, components: Any) -> AdapterSet:
-    """The adapters the `lora` preset section asks for, applied to `components` in place: a LoRA (or full
-    training) on each text encoder `lora.encoders` names (all of the family's by default), with the
-    `lora.per_encoder` overrides of mode, rank, alpha and learning rate."""
+def build_adapters(cfg: Any, family: Any, components: Any) -> AdapterSet:
+    """The adapters the preset asks for, applied to `components` in place: a LoRA (or full training) on each text
+    encoder `lora.encoders` names (all of the family's by default), with the `lora.per_encoder` overrides of mode,
+    rank, alpha and learning rate; then, with `unet.mode: lora`, a LoRA on the UNet (its own rank, alpha, lr)."""
+    lora_cfg = cfg.lora
     adapters: list[Adapter] = []
     for slot in selected_slots(lora_cfg, family):
         s = encoder_settings(lora_cfg, slot.name)
@@ -26,7 +28,25 @@ def build_adapters(lora_cfg: Any, family: Any, components: Any) -> AdapterSet:
             adapter = FullTextEncoder(components, slot)
         adapter.lr = s["lr"]
         adapters.append(adapter)
+    u = getattr(cfg, "unet", None)
+    if u is not None and u.mode == "lora":
+        unet = UNetLoRA(components, rank=u.rank, alpha=u.alpha, dropout=u.dropout, targets=list(u.targets),
+                        base_model_version=family.kohya_base_model_version)
+        unet.lr = u.lr
+        adapters.append(unet)
     return AdapterSet(adapters)
+
+
+def active_adapters(cfg: Any, adapters: AdapterSet, step: int) -> set[str]:
+    """The keys of the adapters that train at optimizer step `step` (0-based): all, except the UNet LoRA before
+    `unet.start_step`, and with `unet.stage: after_te` the text-encoder adapters from then on (the paper's staged
+    Text+UNet). A function of the step alone, so a resumed run continues in the same stage."""
+    u = cfg.unet
+    if u.mode == "none":
+        return adapters.keys()
+    if step < u.start_step:
+        return adapters.keys("text_encoder")
+    return adapters.keys("unet") if u.stage == "after_te" else adapters.keys()
 
 
 def selected_slots(lora_cfg: Any, family: Any) -> list[Any]:

@@ -18,6 +18,7 @@ class Adapter:
 
     key: str = ""
     kind: str = ""  # "lora" or "full"
+    part: str = "text_encoder"  # what it adapts: "text_encoder" (conditions the UNet) or "unet"
     affects_prefix: bool = False  # True when the no-grad prefix of the two-encoder schedule depends on it
     lr: float | None = None  # its own learning rate (`lora.per_encoder.<key>.lr`); None: optim.lr
 
@@ -79,6 +80,18 @@ class AdapterSet:
                 group["lr"] = a.lr
             groups.append(group)
         return groups
+
+    def keys(self, part: str | None = None) -> set[str]:
+        """The adapters' keys, or those of one `part` ("text_encoder", "unet")."""
+        return {a.key for a in self.adapters if part is None or a.part == part}
+
+    def drop_grads(self, active: set[str]) -> None:
+        """Forget the gradients of every adapter not in `active`, so the optimizer leaves it untouched this step
+        (AdamW skips a parameter without a gradient: no update, no weight decay, no moment change)."""
+        for a in self.adapters:
+            if a.key not in active:
+                for p in a.parameters():
+                    p.grad = None
 
     @contextlib.contextmanager
     def original(self, only: set[str] | None = None) -> Iterator[None]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .parse import _convert
-from .schema import Config
+from .schema import UNET_TARGETS, Config
 
 Check = Callable[[Config], Iterable[str]]
 CHECKS: list[tuple[tuple[str, ...], Check]] = []
@@ -93,12 +93,50 @@ def _cpu_fp16(cfg: Config) -> Iterable[str]:
         yield "memory.precision: fp16 needs a CUDA GPU; on the CPU use bf16 or fp32 (or precision: auto)"
 
 
-@_check("sampling.prefix_cache", "sampling.encoder_schedule", "sampling.scheduler", "sampling.grad_steps_min")
+@_check("sampling.prefix_cache", "sampling.encoder_schedule", "sampling.scheduler", "sampling.grad_steps_min",
+        "unet.mode")
 def _prefix_cache_usable(cfg: Config) -> Iterable[str]:
     from tc_lite.prefix_rules import prefix_cache_problems
 
     if cfg.sampling.prefix_cache != "none":
-        yield from prefix_cache_problems(cfg.sampling)
+        yield from prefix_cache_problems(cfg.sampling, unet_mode=cfg.unet.mode)
+
+
+def unet_target_problems(targets: list[str]) -> list[str]:
+    """Problems with `unet.targets` (empty: none): each must be one of UNET_TARGETS, listed once."""
+    problems = []
+    if not targets:
+        problems.append(f"unet.targets: empty; name the UNet projections to adapt, e.g. {list(UNET_TARGETS)}")
+    for i, t in enumerate(targets):
+        if t not in UNET_TARGETS:
+            problems.append(f"unet.targets[{i}]: '{t}' is not a UNet projection tc-lite adapts; choose from "
+                            f"{', '.join(UNET_TARGETS)} (the modules kohya, A1111 and ComfyUI map)")
+    for t in sorted({t for t in targets if targets.count(t) > 1}):
+        problems.append(f"unet.targets: '{t}' is listed {targets.count(t)} times; list each once")
+    return problems
+
+
+@_check("unet.mode", "unet.targets")
+def _unet_targets(cfg: Config) -> Iterable[str]:
+    if cfg.unet.mode == "lora":
+        yield from unet_target_problems(cfg.unet.targets)
+
+
+@_check("unet.mode", "unet.stage", "unet.start_step", "unet.lr", "unet.drift_weight", "train.steps")
+def _unet_stage(cfg: Config) -> Iterable[str]:
+    u = cfg.unet
+    if u.mode == "none":
+        changed = [k for k in ("stage", "start_step", "lr", "drift_weight")
+                   if getattr(u, k) != getattr(type(u)(), k)]
+        for k in changed:
+            yield f"unet.{k}: applies to the UNet LoRA, which is off; set unet.mode=lora (or remove unet.{k})"
+        return
+    if u.start_step >= cfg.train.steps:
+        yield (f"unet.start_step: {u.start_step} >= train.steps ({cfg.train.steps}), so the UNet LoRA would never "
+               "train; lower it or raise train.steps")
+    if u.stage == "after_te" and u.start_step == 0:
+        yield ("unet.stage: after_te trains the text encoders first, then the UNet from unet.start_step; set "
+               "unet.start_step > 0 (e.g. half of train.steps), or use unet.stage=joint")
 
 
 @_check("sampling.prefix_cache", "sampling.prefix_variants", "sampling.prefix_cache_dir")

@@ -43,6 +43,27 @@ class LoraConfig:
     per_encoder: dict[str, EncoderOverride] = field(default_factory=dict)
 
 
+# The UNet projections a LoRA may adapt: every transformer block's attention, feed-forward and in/out projections,
+# as kohya trains them (module-path suffixes; tc_lite.unet_lora).
+UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
+                                 "proj_out")
+
+
+@dataclass
+class UNetConfig:
+    """A LoRA on the UNet beside (or, with `lora.encoders: []`, instead of) the text-encoder adapters."""
+
+    mode: Literal["none", "lora"] = "none"
+    rank: int = field(default=4, metadata=_range(1, 1024))
+    alpha: float = field(default=4.0, metadata=_range(1e-6))
+    dropout: float = field(default=0.0, metadata=_range(0.0, 0.99))
+    targets: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
+    lr: float | None = field(default=None, metadata=_range(0.0, 1.0, exclusive_min=True))  # null: optim.lr
+    stage: Literal["joint", "after_te"] = "joint"  # after_te: text encoders stop training when the UNet starts
+    start_step: int = field(default=0, metadata=_range(0))  # optimizer step at which the UNet LoRA starts training
+    drift_weight: float = field(default=0.0, metadata=_range(0.0))  # penalty on the tuned UNet's drift from the base
+
+
 @dataclass
 class SamplingConfig:
     scheduler: Literal["ddim", "euler", "dpm++"] = "ddim"
@@ -151,6 +172,7 @@ class EvalConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -128,7 +128,7 @@ def _from_checkpoint(run: Path, cfg: Any, path: Path) -> RunWeights:
     comps = copy.copy(base)
     for slot in family.slots:  # adapters change the encoders in place: give them copies
         slot.set_encoder(comps, copy.deepcopy(slot.encoder(base)))
-    adapters = build_adapters(cfg.lora, family, comps)
+    adapters = build_adapters(cfg, family, comps)
     try:
         adapters.load_state_dict(state["adapters"], str(path))
     except (UserError, RuntimeError) as e:

@@ -243,7 +243,7 @@ class _MetaModels:
         notes: list[str] = []
         with torch.device("meta"):
             comps = family.meta_components(arch)
-            adapters = build_adapters(cfg.lora, family, comps)
+            adapters = build_adapters(cfg, family, comps)
             rewards = cls._rewards(cfg, notes)
         configure_vae(comps.vae, cfg.memory.checkpoint_vae)
         if cfg.memory.attention == "xformers":
