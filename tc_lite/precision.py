@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
@@ -38,19 +39,35 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def autocast_for(module: torch.nn.Module, autocast: Callable[[], ContextManager]) -> Callable[[], ContextManager]:
-    """The autocast one call of `module` needs: none when all its weights are frozen and of one floating dtype.
+    """The autocast one call of `module` needs: none when its base weights are frozen and of one floating dtype,
+    and its only other weights are peft LoRA factors.
 
     Such a model runs natively in its weight dtype, as diffusers' pipelines run it: the frozen half-precision UNet
     and VAE (under CUDA autocast their GroupNorm/LayerNorm outputs would be fp32, and the checkpointed grad steps
     and VAE backward keep them: +1.1 GiB at SD1.5 512² batch 1, +4.5 GiB at batch 4, benchmarks/RESULTS.md), and a
     VAE kept in fp32 by `memory.vae_precision` (autocast would run its convolutions in fp16 again, and overflow).
-    A model with trainable weights (a future UNet LoRA, fp32 on a half base) keeps `autocast`.
+    A UNet LoRA (fp32 factors on the half UNet, trainable) runs natively too: peft casts each adapted layer's input
+    to the LoRA dtype and the sum back to the base dtype, so the LoRA branch computes in fp32 and the UNet in its
+    own dtype (its gradients match autocast's, tests/test_precision_optim.py). Any other trainable weight (a fully
+    trained module, DoRA magnitudes) keeps `autocast`.
     """
-    params = list(module.parameters())
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point and not any(p.requires_grad for p in params):
+    lora = _lora_factors(module)
+    base = [p for p in module.parameters() if id(p) not in lora]
+    dtypes = {p.dtype for p in base}
+    if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point and not any(p.requires_grad for p in base):
         return contextlib.nullcontext
     return autocast
+
+
+def _lora_factors(module: torch.nn.Module) -> set[int]:
+    """ids of the A/B factors of the peft LoRA layers in `module` that cast their input to the LoRA dtype. (No
+    module holds one before peft is imported; a decode need not import it to find out.)"""
+    peft_lora = sys.modules.get("peft.tuners.lora")
+    if peft_lora is None:
+        return set()
+    return {id(p) for m in module.modules()
+            if isinstance(m, peft_lora.LoraLayer) and getattr(m, "cast_input_dtype_enabled", True)
+            for factors in (m.lora_A, m.lora_B) for p in factors.parameters()}
 
 
 def _states_force_upcast(vae: torch.nn.Module) -> bool:

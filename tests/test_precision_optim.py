@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -131,3 +133,50 @@ def test_a_frozen_fp32_vae_decodes_in_fp32_under_half_autocast():
     lin = torch.nn.Linear(2, 2)
     assert autocast_for(lin, half) is half
     assert autocast_for(lin.requires_grad_(False), half) is not half
+
+
+def test_a_half_unet_with_an_fp32_lora_runs_natively_and_its_lora_gradients_match_autocast():
+    """A UNet LoRA (fp32 factors, trainable) on a frozen half UNet runs natively (`autocast_for`): peft computes the
+    LoRA branch in fp32 and casts the sum back. Its LoRA gradients (bf16 on the CPU standing in for fp16 on CUDA)
+    are finite and as close to the fp32 ones as autocast's are, and within 3% of autocast's."""
+    import copy
+
+    from tc_lite.models.tiny import build_tiny_components
+    from tc_lite.precision import autocast_for
+    from tc_lite.unet_lora import add_unet_lora, unet_lora_parameters
+
+    unet = build_tiny_components(pretrain=False).unet
+    add_unet_lora(unet, rank=4, alpha=4.0, init_seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without a gradient
+        for p in unet_lora_parameters(unet):
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    half = copy.deepcopy(unet)
+    for p in half.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    assert autocast_for(half, bf16) is not bf16  # native
+    assert autocast_for(unet, bf16) is not bf16  # an fp32 UNet with its LoRA too (nothing to cast)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+
+    def lora_grads(model: torch.nn.Module, dtype: torch.dtype, autocast) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            out = model(x.to(dtype), 500, encoder_hidden_states=hidden.to(dtype)).sample
+        assert out.dtype == dtype
+        out.float().square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in unet_lora_parameters(model)])
+
+    exact = lora_grads(unet, torch.float32, contextlib.nullcontext)
+    native = lora_grads(half, torch.bfloat16, contextlib.nullcontext)
+    autocast = lora_grads(half, torch.bfloat16, bf16)
+    assert all(p.grad.dtype == torch.float32 for p in unet_lora_parameters(half))
+    assert torch.isfinite(native).all()
+    err = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert err(native, exact) < 1.5 * err(autocast, exact) + 1e-3, (err(native, exact), err(autocast, exact))
+    assert err(native, autocast) < 0.03, err(native, autocast)
+    # a fully trainable module (not LoRA factors) keeps the autocast
+    full = torch.nn.Linear(2, 2).bfloat16()
+    assert autocast_for(full, bf16) is bf16
