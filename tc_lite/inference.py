@@ -110,18 +110,29 @@ def tuned_encoders(components: Any, source: TunedSource,
     family = family_of(components)
     base = dict(base_encoders or family.encoders(components))
     slots = {s.name: s for s in family.slots}
-    if isinstance(source, Mapping) and source and set(source) <= set(slots):  # slot name -> module or file
+    if isinstance(source, Mapping) and not source:
+        return {}  # what a UNet-only LoRA gives: no tuned encoder
+    if isinstance(source, Mapping) and source and set(source) - {"unet"} <= set(slots):  # slot -> module or file
         return {name: tuned_encoder(base[name], src, prefix=slots[name].kohya_prefix)  # type: ignore[arg-type]
-                for name, src in source.items()}
-    if isinstance(source, torch.nn.Module) or len(family.slots) == 1:
+                for name, src in source.items() if name != "unet"}  # "unet": the run's UNet LoRA (unet_mix)
+    if isinstance(source, torch.nn.Module):
         slot = family.slots[0]
-        return {slot.name: tuned_encoder(base[slot.name], source, prefix=slot.kohya_prefix)}  # type: ignore[arg-type]
+        return {slot.name: tuned_encoder(base[slot.name], source, prefix=slot.kohya_prefix)}
     from tc_lite.export import read_tuned
+    from tc_lite.unet_lora import split_unet_lora
 
+    label = str(source) if not isinstance(source, Mapping) else "state dict"
     kind, sd = read_tuned(source)  # type: ignore[arg-type]
     if kind == "encoder":  # one fully trained encoder: the slot whose base encoder has its names and shapes
-        name = _slot_of_encoder(family, base, sd, str(source) if not isinstance(source, Mapping) else "state dict")
+        name = family.slots[0].name if len(family.slots) == 1 else _slot_of_encoder(family, base, sd, label)
         return {name: tuned_encoder(base[name], sd, prefix=slots[name].kohya_prefix)}
+    sd, unet_part = split_unet_lora(sd)  # the UNet part applies at render time (tc_lite.unet_mix)
+    if not sd and unet_part:
+        return {}  # a UNet-only LoRA: the text encoders stay the base ones
+    if len(family.slots) == 1:
+        slot = family.slots[0]
+        return {slot.name: load_kohya_state_dict(plain_copy(base[slot.name]), sd, source=label,
+                                                 prefix=slot.kohya_prefix).eval()}
     out = {}
     for slot in family.slots:
         own = {k: v for k, v in sd.items() if k.startswith(slot.kohya_prefix + "_")}
@@ -280,8 +291,12 @@ def sample_images(
     eta: float = 0.0,
     batch_size: int = 4,
     autocast: Callable[[], ContextManager] | None = None,
+    unet_loras: Any = None,
 ) -> torch.Tensor:
     """Render every (prompt, seed) with the embeddings mixed by ``weights`` (one per tuned encoder).
+
+    ``unet_loras``: a :class:`tc_lite.unet_mix.UNetLoRAMix` of the same tuned models, whose UNet LoRAs then apply
+    at the same weights (as LoRA multipliers, on every step).
 
     Returns float images [P·S, 3, H, W] in [0, 1] on the CPU, prompt-major: image ``p * len(seeds) + s`` is prompt
     p with seed s, through `tc_lite.render` (the trainer's sample grids render the same way). ``tuned_steps=None``
@@ -296,8 +311,9 @@ def sample_images(
     plan = RenderPlan(steps=steps, guidance_scale=float(guidance), scheduler=scheduler, eta=eta, height=h, width=w,
                       tuned_steps=tuned_steps, batch_size=batch_size)
     renderer = Renderer(components, plan, autocast)
-    return renderer.render(mixed.select(slice(0, n)), mixed.select(slice(n, n + 1)), seeds,
-                           base=orig.select(slice(0, n)), base_uncond=orig.select(slice(n, n + 1)))
+    with unet_loras.applied(weights) if unet_loras else contextlib.nullcontext():
+        return renderer.render(mixed.select(slice(0, n)), mixed.select(slice(n, n + 1)), seeds,
+                               base=orig.select(slice(0, n)), base_uncond=orig.select(slice(n, n + 1)))
 
 
 def generate(
@@ -336,8 +352,15 @@ def generate(
     weights = [float(wt) for _, wt in loras]
     h = height or default_size(components)
     w = width or default_size(components)
-    emb = encode_prompts(components, prompts, [s for s, wt in zip(sources, weights) if wt != 0.0],
-                         negative_prompt=negative_prompt, base_encoder=base_encoder, size=(h, w))
-    return sample_images(components, emb, seeds, [wt for wt in weights if wt != 0.0], tuned_steps=tuned_steps,
-                         steps=steps, guidance=guidance, scheduler=scheduler, height=h, width=w, eta=eta,
-                         batch_size=batch_size, autocast=autocast)
+    used = [s for s, wt in zip(sources, weights) if wt != 0.0]
+    emb = encode_prompts(components, prompts, used, negative_prompt=negative_prompt, base_encoder=base_encoder,
+                         size=(h, w))
+    from tc_lite.unet_mix import UNetLoRAMix
+
+    unet_loras = UNetLoRAMix(components.unet, used)  # the files' UNet parts, removed again below
+    try:
+        return sample_images(components, emb, seeds, [wt for wt in weights if wt != 0.0], tuned_steps=tuned_steps,
+                             steps=steps, guidance=guidance, scheduler=scheduler, height=h, width=w, eta=eta,
+                             batch_size=batch_size, autocast=autocast, unet_loras=unet_loras)
+    finally:
+        unet_loras.close()

@@ -95,9 +95,13 @@ def run_sample(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
         m.eval().to(prec.device)
     size = (args.height or default_size(comps), args.width or default_size(comps))
     emb = encode_prompts(comps, args.prompt, loras, negative_prompt=args.negative_prompt, size=size)
+    from tc_lite.unet_mix import UNetLoRAMix
+
+    unet_loras = UNetLoRAMix(comps.unet, loras)  # files that also tuned the UNet apply it at the same weight
     columns = [sample_images(comps, emb, args.seeds, w, tuned_steps=args.tuned_steps, steps=args.steps,
                              guidance=args.guidance, scheduler=args.scheduler, height=args.height, width=args.width,
-                             eta=args.eta, batch_size=args.batch_size, autocast=prec.autocast)
+                             eta=args.eta, batch_size=args.batch_size, autocast=prec.autocast,
+                             unet_loras=unet_loras)
                for w in weights]
     images = torch.stack(columns, dim=1).flatten(0, 1)  # [rows*cols, 3, H, W], row-major
     row_labels = [f"{p} (seed {s})" for p in args.prompt for s in args.seeds]

@@ -48,6 +48,9 @@ class _Renderer:
         self.comps, self.settings, self.autocast = comps, settings, prec.autocast
         self.source = str(comps.source or model)
         self.tuned = [tuned_encoders(comps, src) for src in loras]  # built once, reused for every chunk
+        from tc_lite.unet_mix import UNetLoRAMix
+
+        self.unet_loras = UNetLoRAMix(comps.unet, loras)  # the UNet parts of files that tuned it too
         self.height = settings.height or default_size(comps)
         self.width = settings.width or default_size(comps)
 
@@ -63,7 +66,8 @@ class _Renderer:
             weights = [s.lora_weight if j == mi - 1 else 0.0 for j in range(len(self.tuned))]
             yield sample_images(self.comps, emb, seeds, weights, tuned_steps=s.tuned_steps if mi else None,
                                 steps=s.steps, guidance=s.guidance, scheduler=s.scheduler, height=self.height,
-                                width=self.width, batch_size=s.batch_size, autocast=self.autocast)
+                                width=self.width, batch_size=s.batch_size, autocast=self.autocast,
+                                unet_loras=self.unet_loras)
 
 
 def _describe(source: Any) -> Any:
@@ -85,6 +89,8 @@ def run_result(cfg: Any, run: Path, best: bool = False) -> Any:
     family = family_for(cfg.model)
     kohya, full = result_paths(cfg, family, run, path=run / f"{cfg.output.name}_best.safetensors" if best else None)
     files = {s.name: full.get(s.name, kohya) for s in selected_slots(cfg.lora, family)}
+    if cfg.unet.mode == "lora":  # the UNet LoRA is in the kohya file (`tc_lite.unet_mix` applies it)
+        files["unet"] = kohya
     missing = sorted({str(f) for f in files.values() if not f.is_file()})
     if missing:
         if best:
