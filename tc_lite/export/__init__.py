@@ -8,11 +8,16 @@
 - peft adapter folder(s) and diffusers ``pytorch_lora_weights.safetensors``: for Python users of those libraries.
 - merged encoders (``text_model.…`` names, one per slot): for tools that swap text encoders, and the natural output
   of a full fine-tune, which can also be turned into a LoRA by truncated SVD (:func:`extract_lora`, error reported).
+- a UNet LoRA (``unet.mode: lora``) rides along in every format: ``lora_unet_`` modules in the kohya file (SD1:
+  diffusers paths, SDXL: SGM paths, as kohya names them), ``unet.`` keys in the diffusers file, a ``unet/`` peft
+  adapter, and a merged diffusers UNet folder (:func:`merge_unet_lora`, :func:`export_unet`).
 
-Every format works per encoder slot; the kohya prefix says which encoder a module belongs to (``slots``).
+Every format works per encoder slot; the kohya prefix says which encoder a module belongs to (``slots``), and
+``lora_unet_`` the UNet (``tc_lite.unet_lora.split_unet_lora``; its names are placed by ``resolve_unet_lora``).
 Modules: ``kohya`` (the kohya file and state dict), ``slots`` (prefix -> encoder), ``peft_format``,
-``diffusers_format``, ``encoder`` (merged encoders and canonical names), ``extract`` (SVD), ``reading`` (any of these
-back in), ``trained`` (what a run writes), ``run_weights`` (a run folder read back, for ``tc_lite export``).
+``diffusers_format``, ``encoder`` (merged encoders and canonical names), ``unet`` (the merged UNet), ``extract``
+(SVD), ``reading`` (any of these back in), ``trained`` (what a run writes), ``run_weights`` (a run folder read back,
+for ``tc_lite export``).
 """
 
 from tc_lite.export.diffusers_format import export_diffusers
@@ -39,6 +44,7 @@ from tc_lite.export.kohya import (
 from tc_lite.export.peft_format import export_peft
 from tc_lite.export.reading import read_tuned
 from tc_lite.export.slots import EncoderFormat, split_lora
+from tc_lite.export.unet import export_unet, merge_unet_lora, unet_path
 
 __all__ = [
     "EncoderFormat",
@@ -50,17 +56,20 @@ __all__ = [
     "export_encoder",
     "export_kohya",
     "export_peft",
+    "export_unet",
     "extract_lora",
     "kohya_dims",
     "kohya_metadata",
     "load_encoder_weights",
     "lora_groups",
     "merge_lora",
+    "merge_unet_lora",
     "read_kohya",
     "read_tuned",
     "safetensors_hashes",
     "save_dtype_of",
     "split_lora",
+    "unet_path",
     "update_retention",
     "write_kohya",
 ]

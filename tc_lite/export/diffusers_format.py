@@ -1,5 +1,5 @@
 """The diffusers LoRA file (``pytorch_lora_weights.safetensors``) that ``pipe.load_lora_weights(folder)`` loads,
-with alpha folded in so every diffusers version applies the same scale."""
+text encoders and UNet in one file, with alpha folded in so every diffusers version applies the same scale."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tc_lite.errors import UserError
 from tc_lite.export.kohya import (
     CANONICAL_PREFIX,
     _canonical_module,
@@ -28,20 +29,27 @@ BASE_MODEL_META_KEY = "tc_lite_base_model_version"  # ours: tells SD1 from an SD
 
 
 def export_diffusers(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike[str], *,
-                     save_dtype: torch.dtype = torch.float16, source: str = "LoRA") -> Path:
+                     save_dtype: torch.dtype = torch.float16, source: str = "LoRA", unet: torch.nn.Module | None = None,
+                     base_model_version: str | None = None) -> Path:
     """``folder/pytorch_lora_weights.safetensors``: ``pipe.load_lora_weights(folder)`` loads it.
 
     Keys are ``<component>.text_model.encoder.layers.N.<module>.lora_A/B.weight`` with component ``text_encoder``
     (SD1, SDXL's te1) or ``text_encoder_2`` (SDXL's te2), as ``StableDiffusionXLLoraLoaderMixin.save_lora_weights``
-    writes them (diffusers strips ``text_model.`` itself when the installed transformers has no such submodule).
+    writes them (diffusers strips ``text_model.`` itself when the installed transformers has no such submodule);
+    a UNet LoRA (``lora_unet_`` modules) becomes ``unet.<diffusers module path>.lora_A/B.weight``, as
+    ``save_lora_weights(unet_lora_layers=…)`` writes it. ``unet`` is the base UNet's module tree (a 'meta' one will
+    do), needed to place the kohya names; ``base_model_version`` is recorded for a file without text encoders.
     alpha/r is folded into lora_B and the per-component metadata says alpha = r: diffusers versions that ignore the
-    metadata assume exactly that, so every version applies the same scale; each encoder keeps its own rank.
+    metadata assume exactly that, so every version applies the same scale; each component keeps its own rank.
     Returns the file's path.
     """
+    from tc_lite.unet_lora import split_unet_lora
+
     _check_dtype(save_dtype)
     tensors: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, object] = {}
-    parts = split_lora(lora, source)
+    te, unet_part = split_unet_lora(lora)
+    parts = split_lora(te, source) if te or not unet_part else {}
     for fmt, part in parts.items():
         groups = lora_groups(part, source)
         rank = _uniform_rank(groups, f"{source} ({fmt.prefix})")
@@ -52,7 +60,39 @@ def export_diffusers(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike
         kwargs = _lora_config_kwargs([(k, d, u, float(rank)) for k, d, u, _ in groups], rank, CANONICAL_PREFIX)
         kwargs.pop("alpha_pattern")
         adapter_meta.update({f"{fmt.component}.{k}": v for k, v in kwargs.items()})
+    if unet_part:
+        unet_tensors, unet_meta = _unet_tensors(unet_part, unet, source)
+        tensors.update(unet_tensors)
+        adapter_meta.update(unet_meta)
     out = _cast_lora(tensors, save_dtype, DIFFUSERS_WEIGHT_NAME)
+    version = next(iter(parts)).base_model_version if parts else base_model_version
     meta = {"format": "pt", _DIFFUSERS_META_KEY: json.dumps(adapter_meta, sort_keys=True),
-            BASE_MODEL_META_KEY: next(iter(parts)).base_model_version}
+            **({BASE_MODEL_META_KEY: version} if version else {})}
     return save_safetensors_atomic(out, Path(folder) / DIFFUSERS_WEIGHT_NAME, meta)
+
+
+def _unet_tensors(lora: Mapping[str, torch.Tensor], unet: torch.nn.Module | None,
+                  source: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """``unet.<path>.lora_A/B.weight`` (alpha/r folded into B) and the ``unet.*`` LoraConfig metadata."""
+    from tc_lite.export.unet import UNET_COMPONENT
+    from tc_lite.unet_lora import resolve_unet_lora
+
+    if unet is None:
+        raise UserError(f"{source}: holds a UNet LoRA; the diffusers format needs the base UNet to name its modules")
+    modules = resolve_unet_lora(unet, lora, source)
+    rank = unet_rank(modules, source)
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        tensors[f"{UNET_COMPONENT}.{m.path}.lora_A.weight"] = m.down.float()
+        tensors[f"{UNET_COMPONENT}.{m.path}.lora_B.weight"] = m.up.float() * (m.alpha / rank)
+    config = {"r": rank, "lora_alpha": rank, "target_modules": [m.path for m in modules], "lora_dropout": 0.0,
+              "bias": "none"}
+    return tensors, {f"{UNET_COMPONENT}.{k}": v for k, v in config.items()}
+
+
+def unet_rank(modules: list, source: str) -> int:
+    """The one rank of a UNet LoRA's modules (peft and diffusers configs carry one rank per component)."""
+    ranks = sorted({int(m.down.shape[0]) for m in modules})
+    if len(ranks) != 1:
+        raise UserError(f"{source}: UNet modules have different ranks {ranks}; peft/diffusers exports need one rank")
+    return ranks[0]

@@ -32,6 +32,26 @@ USAGE_HINT = (
     "Text-encoder-only LoRA. A1111: <lora:{name}:1> in the prompt. ComfyUI: LoraLoader with strength_clip "
     "(LoraLoaderModelOnly ignores text-encoder LoRAs)."
 )
+# What the file changes -> (usage hint, training comment, tc_lite_component). A1111's <lora:name:w> sets both its
+# multipliers (te and unet; <lora:name:te:unet> sets each); ComfyUI's LoraLoader applies strength_clip to text-encoder
+# keys and strength_model to UNet keys, LoraLoaderModelOnly the UNet keys only.
+PARTS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("text_encoder",): (
+        USAGE_HINT,
+        "TextCraftor-style reward fine-tuning of the text encoder only (tc-lite); the UNet is unchanged.",
+        "text_encoder"),
+    ("unet",): (
+        "UNet-only LoRA. A1111: <lora:{name}:1> in the prompt. ComfyUI: LoraLoaderModelOnly, or LoraLoader with "
+        "strength_model (it has no text-encoder part).",
+        "Reward fine-tuning of a UNet LoRA (tc-lite); the text encoder is unchanged.",
+        "unet"),
+    ("text_encoder", "unet"): (
+        "Text-encoder and UNet LoRA. A1111: <lora:{name}:1> in the prompt applies both (<lora:{name}:TE:UNET> "
+        "weighs each). ComfyUI: LoraLoader, strength_clip for the text encoder and strength_model for the UNet "
+        "(LoraLoaderModelOnly applies only the UNet part).",
+        "TextCraftor-style reward fine-tuning of the text encoder and a UNet LoRA (the paper's Text+UNet; tc-lite).",
+        "text_encoder+unet"),
+}
 
 
 DYNAMIC = "Dynamic"  # kohya's ss_network_dim/alpha when modules differ (networks/resize_lora.py)
@@ -75,6 +95,8 @@ def kohya_metadata(
     base_model_version: str = "sd_v1",
     base_model: str | None = None,
     text_encoder_lr: float | Sequence[float] | None = None,
+    unet_lr: float | None = None,
+    parts: Sequence[str] = ("text_encoder",),
     dropout: float | None = None,
     resolution: int | tuple[int, int] | None = 512,
     training_started_at: float | None = None,
@@ -84,12 +106,17 @@ def kohya_metadata(
     timestamp: float | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """kohya ``ss_*`` + ModelSpec metadata for a text-encoder LoRA; every value a string.
+    """kohya ``ss_*`` + ModelSpec metadata for a LoRA on ``parts`` (``text_encoder``, ``unet`` or both); every
+    value a string.
 
     ``rank``/``alpha`` may be ``"Dynamic"`` when modules differ (SDXL's te1 and te2 at different ranks), as
     sd-scripts' ``networks/resize_lora.py`` writes them; :func:`kohya_dims` computes both from the weights.
     ``text_encoder_lr`` (default ``lr``): one value, or one per trained encoder, written as kohya's
     ``train_network.py`` writes ``args.text_encoder_lr`` (``str`` of the list) for networks with several.
+    With a UNet part, ``ss_unet_lr`` is ``unet_lr`` (default ``lr``), as kohya writes ``args.unet_lr``; without a
+    text-encoder part ``ss_text_encoder_lr`` is ``"None"``, what kohya writes when none was set. kohya keeps no key
+    saying which parts it trained (``--network_train_unet_only`` is not in its metadata): the keys say it, and our
+    ``tc_lite_component`` repeats it.
     A1111 reads ``ss_base_model_version``/``ss_v2`` to decide SD1/SD2/SDXL (no metadata = "Unknown", hidden by its
     version filter) and ``ss_output_name`` for the alias. ``extra`` keys without a known prefix get ``tc_lite_``
     so they can never shadow a kohya/ModelSpec key; dict/list values are stored as JSON.
@@ -98,6 +125,10 @@ def kohya_metadata(
         raise UserError(
             f"export: base_model_version {base_model_version!r} is not supported; use one of {sorted(_ARCHITECTURES)}"
         )
+    key = tuple(p for p in ("text_encoder", "unet") if p in parts)
+    if key not in PARTS or len(key) != len(parts):
+        raise ValueError(f"parts {list(parts)}: name text_encoder and/or unet")
+    hint, default_comment, component = PARTS[key]
     arch, implementation = _ARCHITECTURES[base_model_version]
     ts = time.time() if timestamp is None else float(timestamp)
     date = _dt.datetime.fromtimestamp(int(ts), tz=_dt.timezone.utc).isoformat()
@@ -110,14 +141,15 @@ def kohya_metadata(
         "ss_v2": "False",
         "ss_output_name": output_name,
         "ss_learning_rate": str(float(lr)),
-        "ss_text_encoder_lr": _lr_str(lr if text_encoder_lr is None else text_encoder_lr),
+        "ss_text_encoder_lr": (_lr_str(lr if text_encoder_lr is None else text_encoder_lr) if "text_encoder" in key
+                               else "None"),
+        **({"ss_unet_lr": _lr_str(lr if unet_lr is None else unet_lr)} if "unet" in key else {}),
         "ss_seed": str(int(seed)),
         "ss_steps": str(int(steps)),
         "ss_mixed_precision": str(mixed_precision),
         "ss_optimizer": str(optimizer),
         "ss_training_finished_at": str(ts),
-        "ss_training_comment": comment
-        or "TextCraftor-style reward fine-tuning of the text encoder only (tc-lite); the UNet is unchanged.",
+        "ss_training_comment": comment or default_comment,
         # ModelSpec, as sd-scripts writes it for a LoRA
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{arch}/lora",
@@ -126,11 +158,11 @@ def kohya_metadata(
         "modelspec.date": date,
         "modelspec.prediction_type": "epsilon",
         "modelspec.implementation_version": f"tc-lite/{__version__}",
-        "modelspec.usage_hint": USAGE_HINT.format(name=output_name),
+        "modelspec.usage_hint": hint.format(name=output_name),
         # ours
         "tc_lite_version": __version__,
         "tc_lite_method": "textcraftor",
-        "tc_lite_component": "text_encoder",
+        "tc_lite_component": component,
     }
     if resolution is not None:  # (width, height), as kohya writes it; a single number is square
         w, h = (resolution, resolution) if isinstance(resolution, int | float) else resolution

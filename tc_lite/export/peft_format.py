@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from tc_lite.errors import UserError
 from tc_lite.export.kohya import (
     _TARGET_ORDER,
     CANONICAL_PREFIX,
@@ -56,7 +57,7 @@ def _lora_config_kwargs(groups: list, rank: int, module_prefix: str) -> dict[str
 
 def export_peft(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike[str], *,
                 save_dtype: torch.dtype = torch.float16, base_model: str | None = None,
-                source: str = "LoRA") -> Path:
+                source: str = "LoRA", unet: torch.nn.Module | None = None) -> Path:
     """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) as ``save_pretrained`` writes it.
 
     Loads with ``PeftModel.from_pretrained(CLIPTextModel…, folder)`` and ``text_encoder.load_adapter(folder)``.
@@ -67,13 +68,24 @@ def export_peft(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike[str]
     (``base_model.model.encoder.layers…`` for CLIPTextModel on >= 5.6, ``…text_model.encoder.layers…`` before and
     for CLIPTextModelWithProjection); export again after switching across that version (the kohya and diffusers
     files do not have this limitation).
+
+    A UNet LoRA (``lora_unet_`` modules) is one more adapter, in ``folder/unet`` (named by diffusers module paths;
+    ``unet`` is the base UNet's module tree, a 'meta' one will do): ``PeftModel.from_pretrained(pipe.unet,
+    folder + "/unet")``. A LoRA with a UNet part puts every adapter in its component's subfolder, SD1's text
+    encoder in ``folder/text_encoder``.
     """
+    from tc_lite.unet_lora import split_unet_lora
+
     _check_dtype(save_dtype)
     dest = Path(folder)
-    parts = split_lora(lora, source)
+    te, unet_part = split_unet_lora(lora)
+    parts = split_lora(te, source) if te or not unet_part else {}
     for fmt, part in parts.items():
-        sub = dest if len(family_formats(fmt.base_model_version)) == 1 else dest / fmt.component
+        alone = len(family_formats(fmt.base_model_version)) == 1 and not unet_part
+        sub = dest if alone else dest / fmt.component
         _write_adapter(part, sub, fmt, save_dtype, base_model, f"{source} ({fmt.prefix})")
+    if unet_part:
+        _write_unet_adapter(unet_part, dest, unet, save_dtype, base_model, source)
     return dest
 
 
@@ -95,4 +107,35 @@ def _write_adapter(lora: Mapping[str, torch.Tensor], dest: Path, fmt: EncoderFor
     config["auto_mapping"] = {"base_model_class": fmt.encoder_class,
                               "parent_library": "transformers.models.clip.modeling_clip"}
     save_safetensors_atomic(out, dest / PEFT_WEIGHT_NAME, {"format": "pt", PREFIX_META_KEY: fmt.prefix})
+    save_json_atomic(config, dest / PEFT_CONFIG_NAME)
+
+
+def _write_unet_adapter(lora: Mapping[str, torch.Tensor], folder: Path, unet: torch.nn.Module | None,
+                        save_dtype: torch.dtype, base_model: str | None, source: str) -> None:
+    """``folder/unet``: the UNet LoRA as peft saves an adapter of a diffusers UNet (diffusers module paths, the
+    common alpha and an ``alpha_pattern`` for the exceptions)."""
+    from peft import LoraConfig
+
+    from tc_lite.export.diffusers_format import unet_rank
+    from tc_lite.export.unet import UNET_COMPONENT
+    from tc_lite.unet_lora import KOHYA_UNET_PREFIX, resolve_unet_lora
+
+    if unet is None:
+        raise UserError(f"{source}: holds a UNet LoRA; the peft format needs the base UNet to name its modules")
+    modules = resolve_unet_lora(unet, lora, source)
+    rank = unet_rank(modules, source)
+    alphas = [m.alpha for m in modules]
+    common = max(set(alphas), key=alphas.count)
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        tensors[f"base_model.model.{m.path}.lora_A.weight"] = m.down.float()
+        tensors[f"base_model.model.{m.path}.lora_B.weight"] = m.up.float()
+    config = LoraConfig(r=rank, lora_alpha=common, target_modules=[m.path for m in modules], lora_dropout=0.0,
+                        bias="none", alpha_pattern={m.path: m.alpha for m in modules if m.alpha != common},
+                        base_model_name_or_path=base_model).to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    config["auto_mapping"] = {"base_model_class": type(unet).__name__, "parent_library": type(unet).__module__}
+    dest = folder / UNET_COMPONENT
+    out = _cast_lora(tensors, save_dtype, PEFT_WEIGHT_NAME)
+    save_safetensors_atomic(out, dest / PEFT_WEIGHT_NAME, {"format": "pt", PREFIX_META_KEY: KOHYA_UNET_PREFIX})
     save_json_atomic(config, dest / PEFT_CONFIG_NAME)

@@ -17,8 +17,15 @@ from tc_lite.export.diffusers_format import _DIFFUSERS_META_KEY, BASE_MODEL_META
 from tc_lite.export.encoder import canonical_encoder_key
 from tc_lite.export.kohya import _TARGET_ORDER, _kohya_module, lora_groups, read_kohya
 from tc_lite.export.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, PREFIX_META_KEY
-from tc_lite.export.slots import SD1_VERSION, SDXL_VERSION, family_formats, format_for, format_of, split_lora
+from tc_lite.export.slots import SD1_VERSION, SDXL_VERSION, format_for, format_of, split_lora
 
+# peft / diffusers UNet LoRA keys (diffusers' `unet.` prefix, or peft's `base_model.model.`), by module path.
+_UNET_KEY_RE = re.compile(
+    r"^(?:unet\.|base_model\.model\.)?(?P<path>(?:down_blocks|mid_block|up_blocks)\.[\w.]+?)"
+    r"\.lora_(?P<ab>A|B)(?:\.[\w-]+)?\.weight$"
+)
+# Subfolders a peft export holds one adapter in each (diffusers' component names).
+_ADAPTER_SUBFOLDERS = ("text_encoder", "text_encoder_2", "unet")
 # peft / diffusers LoRA keys, with or without their prefixes and an adapter name, old or new module tree.
 _PEFT_KEY_RE = re.compile(
     r"^(?:(?P<component>text_encoder(?:_2)?)\.|base_model\.model\.)?(?:text_model\.)?encoder\.layers\.(?P<layer>\d+)\."
@@ -30,10 +37,14 @@ def read_tuned(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> t
     """Read any tc-lite output as ("lora", kohya state dict) or ("encoder", canonical encoder state dict).
 
     Accepts a kohya ``.safetensors``, a diffusers LoRA (file, or folder holding ``pytorch_lora_weights.safetensors``),
-    a peft adapter folder (or its ``adapter_model.safetensors``; SDXL: the folder of ``text_encoder/`` and
-    ``text_encoder_2/`` adapters), a merged / full fine-tuned encoder file or folder, or an in-memory state dict of
-    any of these. SDXL LoRAs come back with ``lora_te1_``/``lora_te2_`` names. Anything else is a ``UserError``
-    naming the file.
+    a peft adapter folder (or its ``adapter_model.safetensors``; SDXL, or any LoRA with a UNet part: the folder of
+    ``text_encoder/``, ``text_encoder_2/`` and ``unet/`` adapters), a merged / full fine-tuned encoder file or
+    folder, or an in-memory state dict of any of these. SDXL LoRAs come back with ``lora_te1_``/``lora_te2_`` names;
+    a UNet LoRA's modules with ``lora_unet_`` names: as written in a kohya file, and for peft/diffusers files the
+    diffusers path (``lora_unet_down_blocks_…``, kohya's SD1 names; SDXL files then differ from kohya's SGM names,
+    which every loader, ``tc_lite.unet_lora.load_unet_lora`` included, maps the same). Anything else is a
+    ``UserError`` naming the file. A merged UNet (a diffusers UNet folder) is not read here: load it with
+    ``UNet2DConditionModel.from_pretrained``.
     """
     if isinstance(source, Mapping):
         return _classify(dict(source), {}, None, "state dict")
@@ -42,7 +53,7 @@ def read_tuned(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> t
         for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, "model.safetensors"):
             if (p / name).is_file():
                 return read_tuned(p / name)
-        subs = [p / f.component for f in family_formats(SDXL_VERSION)]
+        subs = [p / name for name in _ADAPTER_SUBFOLDERS]
         if any((s / PEFT_WEIGHT_NAME).is_file() for s in subs):
             return "lora", {k: v for s in subs if (s / PEFT_WEIGHT_NAME).is_file() for k, v in read_tuned(s)[1].items()}
         if any((s / "model.safetensors").is_file() for s in subs):
@@ -63,13 +74,21 @@ def read_tuned(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> t
 
 def _classify(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], peft_cfg: Mapping[str, Any] | None,
               source: str) -> tuple[str, dict[str, torch.Tensor]]:
+    from tc_lite.unet_lora import split_unet_lora, unet_lora_groups
+
     keys = list(tensors)
     if keys and all(k.startswith("lora_") for k in keys):
-        for part in split_lora(tensors, source).values():
+        te, unet = split_unet_lora(tensors)
+        for part in (split_lora(te, source) if te or not unet else {}).values():
             lora_groups(part, source)  # validate now, with the file's name in the message
+        if unet:
+            unet_lora_groups(unet, source)
         return "lora", tensors
     if keys and any(".lora_A" in k or ".lora_B" in k for k in keys):
-        return "lora", _peft_to_kohya(tensors, metadata, peft_cfg, source)
+        unet = {k: v for k, v in tensors.items() if _UNET_KEY_RE.match(k)}
+        te = {k: v for k, v in tensors.items() if k not in unet}
+        out = _peft_to_kohya(te, metadata, peft_cfg, source) if te else {}
+        return "lora", {**out, **(_peft_unet_to_kohya(unet, metadata, peft_cfg, source) if unet else {})}
     if any(k.endswith("self_attn.q_proj.weight") for k in keys) and not any("lora" in k for k in keys):
         if any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.", "conditioner."))
                for k in keys):
@@ -108,8 +127,8 @@ def _peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         parts.setdefault((m["component"] or "", int(m["layer"]), m["block"], m["proj"]), {})[m["ab"]] = v
     if unknown:
         raise UserError(
-            f"{source}: {len(unknown)} key(s) are not text-encoder LoRA keys (first: {unknown[0]}); "
-            "UNet LoRAs are not supported here"
+            f"{source}: {len(unknown)} key(s) are not text-encoder or UNet LoRA keys (first: {unknown[0]}); "
+            "pass a file written by `tc_lite export` or by training"
         )
     incomplete = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
     if incomplete:
@@ -132,4 +151,31 @@ def _peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
             out[f"{name}.lora_up.weight"] = own[key]["B"]
             out[f"{name}.alpha"] = torch.tensor(a, dtype=torch.float32)
         lora_groups({k: v for k, v in out.items() if k.startswith(fmt.prefix + "_")}, source)
+    return out
+
+
+def _peft_unet_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                        peft_cfg: Mapping[str, Any] | None, source: str) -> dict[str, torch.Tensor]:
+    """peft/diffusers UNet keys -> kohya ``lora_unet_<diffusers path>`` modules, alpha from the adapter config or
+    diffusers' ``unet.*`` metadata (none: alpha = rank, as diffusers reads it)."""
+    from tc_lite.unet_lora import KOHYA_UNET_PREFIX, unet_lora_groups
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        m = _UNET_KEY_RE.match(k)
+        assert m is not None
+        parts.setdefault(m["path"], {})[m["ab"]] = v
+    half = sorted(path for path, ab in parts.items() if set(ab) != {"A", "B"})
+    if half:
+        raise UserError(f"{source}: lora_A/lora_B missing for UNet module {half[0]}; the file is truncated")
+    rank = int(next(iter(parts.values()))["A"].shape[0])
+    alpha, pattern = _peft_alpha(metadata, peft_cfg, rank, "unet")
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(parts):
+        name = f"{KOHYA_UNET_PREFIX}_{path.replace('.', '_')}"
+        a = next((float(v) for pat, v in pattern.items() if re.fullmatch(rf"(.*\.)?{pat}", path)), alpha)
+        out[f"{name}.lora_down.weight"] = parts[path]["A"]
+        out[f"{name}.lora_up.weight"] = parts[path]["B"]
+        out[f"{name}.alpha"] = torch.tensor(a, dtype=torch.float32)
+    unet_lora_groups(out, source)
     return out

@@ -1,8 +1,9 @@
 """A training run's result read back from its folder (final files or a checkpoint), for `tc_lite export`.
 
 What a run trained is per encoder slot: a LoRA (all such slots share one kohya file, under the family's prefixes)
-or the whole encoder (one canonical file per slot). The base model comes from the run's `config.yaml` and is loaded
-only when needed (merged exports, checkpoints, SVD extraction).
+or the whole encoder (one canonical file per slot); and optionally a UNet LoRA (`lora_unet_` modules in the same
+kohya file). The base model comes from the run's `config.yaml` and is loaded only when needed (merged exports,
+checkpoints, SVD extraction); the peft and diffusers formats need only the UNet's module tree, built from its config.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class RunWeights:
 
     run_dir: Path
     cfg: Any  # tc_lite.config.Config
-    lora: dict[str, torch.Tensor]  # kohya state dict (every LoRA slot's prefix); empty if none trained as a LoRA
+    lora: dict[str, torch.Tensor]  # kohya state dict (every LoRA slot's prefix, lora_unet); empty if no LoRA
     encoders: dict[str, dict[str, torch.Tensor]]  # slot name -> canonical state dict of each fully trained encoder
     label: str  # the file it came from, for messages and metadata
     step: int | None  # training step, when known
@@ -49,6 +50,15 @@ class RunWeights:
             freeze_and_cast(comps, torch.float32)
             self._base = family, comps
         return self._base
+
+    def unet_tree(self) -> torch.nn.Module:
+        """The base UNet's module tree, to place a UNet LoRA's kohya names: the loaded base UNet when there is one,
+        else one built on 'meta' from the run's UNet config (no weights read)."""
+        if self._base is not None:
+            return self._base[1].unet
+        from tc_lite.export.unet import meta_unet
+
+        return meta_unet(self.family().architecture(self.cfg).unet)
 
     def base_encoders(self) -> dict[str, torch.nn.Module]:
         """Every slot's base text encoder, by slot name, in the family's order."""
@@ -128,13 +138,16 @@ def _from_checkpoint(run: Path, cfg: Any, path: Path) -> RunWeights:
     comps = copy.copy(base)
     for slot in family.slots:  # adapters change the encoders in place: give them copies
         slot.set_encoder(comps, copy.deepcopy(slot.encoder(base)))
+    if cfg.unet.mode == "lora":  # and the UNet, which a UNet LoRA is injected into
+        comps.unet = copy.deepcopy(base.unet)
     adapters = build_adapters(cfg, family, comps)
     try:
         adapters.load_state_dict(state["adapters"], str(path))
     except (UserError, RuntimeError) as e:
         raise UserError(
             f"--checkpoint {str(path)!r} does not fit the run in {str(run)!r} (lora.mode={cfg.lora.mode}, "
-            f"rank {cfg.lora.rank}, base {cfg.model.source}): {str(e).splitlines()[0]} It comes from another run or "
+            f"rank {cfg.lora.rank}, unet.mode={cfg.unet.mode}, base {cfg.model.source}): {str(e).splitlines()[0]} "
+            "It comes from another run or "
             "base model; pass a checkpoint of this run, or the RUN_DIR it belongs to") from None
     for a in adapters:
         if a.kind == "lora":

@@ -1,6 +1,7 @@
 """What a finished (or best-so-far) run writes: one kohya file holding every LoRA adapter's modules under the
-family's prefixes (SDXL: ``lora_te1_`` and ``lora_te2_``), and, for encoders trained in full, each whole encoder
-with canonical names (``<name>_text_encoder.safetensors``; SDXL's te2 ``<name>_text_encoder_2.safetensors``)."""
+family's prefixes (SDXL: ``lora_te1_`` and ``lora_te2_``; a UNet LoRA: ``lora_unet_``), and, for encoders trained in
+full, each whole encoder with canonical names (``<name>_text_encoder.safetensors``; SDXL's te2
+``<name>_text_encoder_2.safetensors``)."""
 
 from __future__ import annotations
 
@@ -20,39 +21,53 @@ def run_lora_metadata(cfg: Any, lora: Mapping[str, torch.Tensor], *, output_name
                       extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """kohya metadata for the LoRA ``lora`` of the run configured by ``cfg``.
 
-    ``ss_network_dim``/``ss_network_alpha`` come from the weights (``"Dynamic"`` when SDXL's encoders differ),
-    ``ss_text_encoder_lr`` is each trained encoder's learning rate (``lora.per_encoder.<slot>.lr`` or optim.lr),
-    and ``tc_lite_encoders`` says per encoder what it holds: modules, rank, alpha and lr.
+    ``ss_network_dim``/``ss_network_alpha`` come from the weights (``"Dynamic"`` when modules differ: SDXL's
+    encoders, or the UNet beside them), ``ss_text_encoder_lr`` is each trained encoder's learning rate
+    (``lora.per_encoder.<slot>.lr`` or optim.lr) and ``ss_unet_lr`` the UNet LoRA's (``unet.lr`` or optim.lr);
+    ``tc_lite_encoders`` says per encoder what it holds (modules, rank, alpha, lr) and ``tc_lite_unet`` the same for
+    the UNet. ``base_model_version`` is required for a UNet-only LoRA (its names alone do not say SD1 or SDXL).
     """
     from tc_lite.adapters import encoder_settings
+    from tc_lite.unet_lora import KOHYA_UNET_PREFIX, split_unet_lora, unet_lora_groups
 
-    parts = split_lora(lora, output_name)
+    te, unet = split_unet_lora(lora)
+    parts = split_lora(te, output_name) if te or not unet else {}
     per_encoder: dict[str, dict[str, Any]] = {}
     for fmt, part in parts.items():
         rank, alpha = kohya_dims(part)
         lr = encoder_settings(cfg.lora, fmt.slot)["lr"] or cfg.optim.lr
         per_encoder[fmt.slot] = {"prefix": fmt.prefix, "modules": sum(k.endswith(".lora_down.weight") for k in part),
                                  "rank": rank, "alpha": alpha, "lr": lr}
+    more: dict[str, Any] = {}
+    if unet:
+        rank, alpha = kohya_dims(unet)
+        more["tc_lite_unet"] = {"prefix": KOHYA_UNET_PREFIX, "modules": len(unet_lora_groups(unet, output_name)),
+                                "rank": rank, "alpha": alpha, "lr": cfg.unet.lr or cfg.optim.lr}
+    version = base_model_version or (next(iter(parts)).base_model_version if parts else None)
+    if version is None:
+        raise ValueError("run_lora_metadata: a UNet-only LoRA needs base_model_version (sd_v1 or sdxl_base_v1-0)")
     rank, alpha = kohya_dims(lora)
     return kohya_metadata(
         output_name=output_name, rank=rank, alpha=alpha, lr=cfg.optim.lr,
-        text_encoder_lr=[e["lr"] for e in per_encoder.values()], seed=cfg.train.seed, steps=steps,
-        mixed_precision=precision, optimizer=cfg.optim.name, base_model=cfg.model.source,
-        base_model_version=base_model_version or next(iter(parts)).base_model_version,
+        text_encoder_lr=[e["lr"] for e in per_encoder.values()] or None,
+        unet_lr=more["tc_lite_unet"]["lr"] if unet else None,
+        parts=[p for p, present in (("text_encoder", parts), ("unet", unet)) if present],
+        seed=cfg.train.seed, steps=steps, mixed_precision=precision, optimizer=cfg.optim.name,
+        base_model=cfg.model.source, base_model_version=version,
         resolution=(cfg.sampling.width, cfg.sampling.height), training_started_at=started_at,
-        extra={"tc_lite_config": json.dumps(cfg.to_dict()), "tc_lite_encoders": per_encoder, **(extra or {})})
+        extra={"tc_lite_config": json.dumps(cfg.to_dict()), "tc_lite_encoders": per_encoder, **more, **(extra or {})})
 
 
 def result_paths(cfg: Any, family: Any, out_dir: str | Path | None = None,
                  path: Path | None = None) -> tuple[Path | None, dict[str, Path]]:
-    """Where `export_trained` writes a run's result: (the kohya file, None when no slot trains as a LoRA;
-    {slot: encoder file} of the slots trained in full), from the `lora` section. `out_dir` replaces
-    `output.dir` (a moved run folder); `path` the first file (the held-out best), as in `export_trained`."""
+    """Where `export_trained` writes a run's result: (the kohya file, None when neither a slot nor the UNet trains
+    as a LoRA; {slot: encoder file} of the slots trained in full), from the `lora` and `unet` sections. `out_dir`
+    replaces `output.dir` (a moved run folder); `path` the first file (the held-out best), as in `export_trained`."""
     from tc_lite.adapters import encoder_settings, selected_slots
     from tc_lite.export.encoder import encoder_path
 
     modes = {s: encoder_settings(cfg.lora, s.name)["mode"] for s in selected_slots(cfg.lora, family)}
-    loras = "lora" in modes.values()
+    loras = "lora" in modes.values() or cfg.unet.mode == "lora"
     kohya = path or Path(out_dir or cfg.output.dir) / f"{cfg.output.name}.safetensors"
     first = path if path is not None and not loras else kohya.with_name(f"{kohya.stem}_text_encoder.safetensors")
     return (kohya if loras else None), {s.name: encoder_path(first, s.encoder_attr)
@@ -68,7 +83,7 @@ def export_trained(adapters: Any, family: Any, cfg: Any, *, steps: int, precisio
     kohya_dest, full_dests = result_paths(cfg, family, path=path)
     loras = [a for a in adapters if a.kind == "lora"]
     if {a.key for a in adapters if a.kind == "full"} != set(full_dests) or bool(loras) != (kohya_dest is not None):
-        raise ValueError(f"export: the adapters ({adapters.describe()}) are not the ones the lora section asks for")
+        raise ValueError(f"export: the adapters ({adapters.describe()}) are not the ones the lora and unet sections ask for")
     written: list[Path] = []
     if kohya_dest is not None:
         tensors = {k: v for a in loras for k, v in a.kohya_tensors().items()}
