@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 
 from tc_lite.config.schema import UNET_TARGETS
 from tc_lite.errors import UserError
@@ -202,8 +203,13 @@ def load_unet_lora(unet: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, sou
                    adapter: str = ADAPTER_NAME) -> list[str]:
     """Inject a LoRA on exactly the UNet modules of a kohya state dict (SD1 or SGM names; the inverse of
     `unet_kohya_state_dict`), with the file's rank and alpha per module, and load its weights; returns the module
-    paths. Pass the `lora_unet_` part (`split_unet_lora`). The LoRA weights stay fp32 and frozen; switch them off
-    with `unet_lora_disabled`."""
+    paths. Pass the `lora_unet_` part (`split_unet_lora`). The LoRA weights stay fp32 and frozen.
+
+    The UNet may hold other adapters (a run's own LoRA, other files under other `adapter` names): they keep their
+    active state and `requires_grad` (peft's injection would make the new adapter the only active one everywhere
+    and freeze the rest), and the new one is active beside them. `unet_lora_disabled` switches off whole layers
+    (every adapter on them); to switch one adapter among several, set each layer's active adapters
+    (`LoraLayer.set_adapter`, as `tc_lite.unet_mix` does)."""
     if lora_layers(unet, adapter):
         raise ValueError(f"the UNet already has a LoRA adapter {adapter!r}; load into a UNet without one")
     modules = resolve_unet_lora(unet, sd, source)
@@ -213,7 +219,14 @@ def load_unet_lora(unet: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, sou
                         target_modules=[m.path for m in modules],
                         rank_pattern={re.escape(m.path): int(m.down.shape[0]) for m in modules
                                       if m.down.shape[0] != rank})
+    active = {id(m): list(m.active_adapters) for m in unet.modules() if isinstance(m, LoraLayer)}
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
     _inject(unet, config, adapter, init_seed=0)
+    for m in unet.modules():
+        if isinstance(m, LoraLayer):
+            m.set_adapter(active.get(id(m), []) + ([adapter] if adapter in m.lora_A else []))
+    for p, flag in flags:
+        p.requires_grad_(flag)
     with torch.no_grad():
         for m in modules:
             layer = unet.get_submodule(m.path)

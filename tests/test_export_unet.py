@@ -278,3 +278,23 @@ def test_load_unet_lora_refuses_another_models_modules_and_shapes(sd1, xl, xl_ru
 def test_split_lora_still_names_stray_keys_for_text_encoder_only_readers(sd1_run):
     with pytest.raises(UserError, match="not text-encoder LoRA keys"):
         split_lora(read_kohya(sd1_run[0])[0])
+
+
+def test_load_unet_lora_beside_a_trained_lora_keeps_it_active_and_trainable(sd1, sd1_run):
+    """Another file loaded into a UNet that holds the run's own LoRA: that LoRA stays active and keeps its gradients
+    (peft's injection alone would make the new adapter the only active one and freeze the rest)."""
+    path, trained_comps = sd1_run
+    unet = copy.deepcopy(trained_comps.unet)
+    own = [p for p in unet.parameters() if p.requires_grad]
+    before = unet_out(unet, sd1)
+    attn1 = {k: v for k, v in split_unet_lora(read_kohya(path)[0])[1].items() if "_attn1_" in k}
+    load_unet_lora(unet, attn1, adapter="other")
+    assert own and all(p.requires_grad for p in own) and [p for p in unet.parameters() if p.requires_grad] == own
+    layers = dict(lora_layers(unet))
+    assert layers["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].active_adapters == [ADAPTER_NAME,
+                                                                                                    "other"]
+    assert layers["down_blocks.0.attentions.0.proj_in"].active_adapters == [ADAPTER_NAME]
+    assert (unet_out(unet, sd1) - before).abs().max() > 1e-3  # the new one applies on top
+    for _, layer in lora_layers(unet):
+        layer.set_adapter([ADAPTER_NAME])
+    torch.testing.assert_close(unet_out(unet, sd1), before, rtol=0, atol=1e-6)
