@@ -2,8 +2,8 @@
 
 A merged UNet is written as diffusers writes one (`UNet2DConditionModel.save_pretrained`): a folder holding
 `config.json` and `diffusion_pytorch_model.safetensors` with diffusers' parameter names, which
-`UNet2DConditionModel.from_pretrained(folder)` (or `subfolder="unet"` of a pipeline folder) loads and ComfyUI's
-"Load Diffusion Model" reads. The kohya names of the file are matched to the UNet by `tc_lite.unet_lora`, which
+`UNet2DConditionModel.from_pretrained(folder)` (or `subfolder="unet"` of a pipeline folder) loads; ComfyUI's
+"Load Diffusion Model" reads the `.safetensors` file (it maps diffusers UNet names itself, `unet_to_diffusers`). The kohya names of the file are matched to the UNet by `tc_lite.unet_lora`, which
 knows SD1's (diffusers path) and SDXL's (SGM path) names, so the family need not be passed in.
 """
 
