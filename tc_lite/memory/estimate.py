@@ -59,6 +59,7 @@ from tc_lite.memory.fake_models import (
     bnb_adamw8bit_state_bytes,
 )
 from tc_lite.memory.result import PHASES, GiB, MemoryEstimate
+from tc_lite.memory.setting import DTYPE_NAMES, describe_setting
 from tc_lite.memory.tracker import MemoryTracker, cuda_autocast_policy
 from tc_lite.precision import vae_dtype
 from tc_lite.step import FreshNoise, StepStats, TrainStep
@@ -68,7 +69,6 @@ MAX_TRACED_PREFIX = 1  # no-grad steps actually traced; see the module docstring
 MAX_TRACED_GRAD_STEPS = 3  # grad steps actually traced; the rest are extrapolated (see the module docstring)
 # Phases during which the saved tensors of every grad step are alive (they get the extrapolated K - traced steps).
 _HOLD_GRAD_STEPS = ("grad steps", "decode", "reward", "decode backward", "grad steps backward")
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # --------------------------------------------------------------------------------------------------- the step
@@ -95,29 +95,12 @@ class _Step:
             for m in (self.comps.unet, *encoders.values(), *held.values()):
                 _materialize(m, dt, "cpu", memo)
             _materialize(self.comps.vae, self.vae_dtype, "cpu", memo)
-        vae_label = "vae (encoder and decoder)" + ("" if self.vae_dtype == dt else f", {_DTYPE_NAMES[self.vae_dtype]}")
-        self.resident: dict[str, int] = {"unet": _module_bytes(self.comps.unet),
-                                         vae_label: _module_bytes(self.comps.vae)}
+        self.resident = self._resident(encoders, held)
         if self.vae_dtype != dt:
-            self.notes.append(f"VAE kept and decoded in {_DTYPE_NAMES[self.vae_dtype]} (memory.vae_precision="
+            self.notes.append(f"VAE kept and decoded in {DTYPE_NAMES[self.vae_dtype]} (memory.vae_precision="
                               f"{cfg.memory.vae_precision}): its weights and decode activations at twice the bytes"
                               + ("; precision auto is estimated as fp16: a bf16 card decodes it in bf16, for less"
                                  if cfg.memory.precision == "auto" and cfg.memory.vae_precision == "auto" else ""))
-        one = len(encoders) == 1
-        adapted = {a.key: a for a in self.adapters}
-        for key, encoder in encoders.items():
-            te = "text encoder" if one else f"text encoder {key}"
-            a = adapted.get(key)
-            if a is None:
-                self.resident[f"{te} (frozen)"] = _module_bytes(encoder)
-            elif a.kind == "lora":
-                trainable = a.parameters()
-                self.resident[te] = _module_bytes(a.module()) - _nbytes(trainable)
-                self.resident["lora (fp32)" if one else f"lora {a.key} (fp32)"] = _nbytes(trainable)
-            else:
-                self.resident[f"{te} (fp32, trained)"] = _module_bytes(a.module())
-        for name, m in held.items():
-            self.resident[name] = _module_bytes(m)
         self.encoder = PromptEncoder(meta.family, self.comps, self.adapters,
                                      size=(cfg.sampling.height, cfg.sampling.width))
         self.params = self.adapters.parameters()
@@ -134,6 +117,39 @@ class _Step:
             if target.cuda:
                 for group in self.optimizer.param_groups:  # torch's default for CUDA tensors
                     group["foreach"] = True
+
+    def _resident(self, encoders: dict[str, nn.Module], held: dict[str, nn.Module]) -> dict[str, int]:
+        """What stays on the device all run, by item: frozen weights apart from each LoRA's fp32 factors."""
+        adapted = {a.key: a for a in self.adapters}
+        unet_lora = adapted.get("unet")
+        lora_bytes = {key: _nbytes(a.parameters()) for key, a in adapted.items() if a.kind == "lora"}
+        dt = self.target.dtype
+        vae_label = "vae (encoder and decoder)" + ("" if self.vae_dtype == dt else f", {DTYPE_NAMES[self.vae_dtype]}")
+        resident = {"unet": _module_bytes(self.comps.unet) - lora_bytes.get("unet", 0),
+                    vae_label: _module_bytes(self.comps.vae)}
+        one = len(encoders) == 1 and unet_lora is None  # "lora (fp32)" is the text encoder's when it is the only one
+        for key, encoder in encoders.items():
+            te = "text encoder" if len(encoders) == 1 else f"text encoder {key}"
+            a = adapted.get(key)
+            if a is None:
+                resident[f"{te} (frozen)"] = _module_bytes(encoder)
+            elif a.kind == "lora":
+                resident[te] = _module_bytes(a.module()) - lora_bytes[key]
+                resident["lora (fp32)" if one else f"lora {key} (fp32)"] = lora_bytes[key]
+            else:
+                resident[f"{te} (fp32, trained)"] = _module_bytes(a.module())
+        if unet_lora is not None:
+            resident["lora unet (fp32)"] = lora_bytes["unet"]
+            u = self.cfg.unet
+            self.notes.append(f"UNet LoRA r={u.rank} on {len(unet_lora.parameters()) // 2} projections: fp32 factors "
+                              "with their gradients and AdamW state; the UNet runs natively in its dtype (peft casts "
+                              "to and from the fp32 branch), whose backward keeps each adapted layer's input in fp32")
+            if u.drift_weight > 0:
+                self.notes.append("unet.drift_weight: one more no-grad UNet call per grad step (the LoRA off), "
+                                  "counted in 'grad steps'")
+        for name, m in held.items():
+            resident[name] = _module_bytes(m)
+        return resident
 
     def _place_rewards(self, entries: list[tuple[str, Any, float]], dtype: torch.dtype,
                        memo: dict[int, Any]) -> list[tuple[str, Any, float]]:
@@ -187,11 +203,21 @@ class _Step:
                         else FreshNoise((channels, s.height // f, s.width // f), torch.device("cpu")))
         from tc_lite.sampling import Denoiser
 
-        return TrainStep(cfg, encoder=self.encoder, denoiser=Denoiser(unet, ShapeScheduler(s.scheduler), precision.autocast),
+        denoiser = Denoiser(unet, ShapeScheduler(s.scheduler), precision.autocast, drift=self._drift())
+        return TrainStep(cfg, encoder=self.encoder, denoiser=denoiser,
                          vae=vae, rewards=_PhasedRewards(self.rewards, self.tracker), latents=latents,
                          params=self.params, optimizer=self.optimizer,
                          schedule=torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0),
                          precision=precision, draw_grad_steps=lambda gen: grad_steps)
+
+    def _drift(self) -> Any:
+        """The drift penalty's extra no-grad UNet call per grad step, as `Recipe` builds it (`unet.drift_weight`)."""
+        from tc_lite.sampling import DriftPenalty
+
+        u, adapters = self.cfg.unet, self.adapters
+        if u.mode != "lora" or u.drift_weight <= 0:
+            return None
+        return DriftPenalty(u.drift_weight, lambda: adapters.original(only=adapters.keys("unet")))
 
     def run(self, grad_steps: int) -> int:
         """One micro-step with `grad_steps` grad steps and the optimizer step, through `TrainStep.micro_step` and
@@ -202,8 +228,8 @@ class _Step:
         starts: list[int] = []  # live bytes as each grad step's UNet call begins
 
         def unet_phase(module: nn.Module, args: Any) -> None:
-            if not torch.is_grad_enabled():
-                tr.enter_phase("sampling")
+            if not torch.is_grad_enabled():  # the prefix, or a grad step's drift call (unet.drift_weight)
+                tr.enter_phase("grad steps" if starts else "sampling")
             elif state["backward"]:
                 tr.enter_phase("grad steps backward")
             else:
@@ -222,7 +248,7 @@ class _Step:
             if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
                 args[0].register_hook(lambda g: tr.enter_phase("grad steps backward"))
 
-        trained = [a.module() for a in self.adapters]
+        trained = [a.module() for a in self.adapters if a.part == "text_encoder"]  # the UNet LoRA's is the UNet
         hooks = [
             self.comps.unet.register_forward_pre_hook(unet_phase),
             self.comps.vae.post_quant_conv.register_forward_pre_hook(vae_phase),
@@ -272,22 +298,6 @@ def _extrapolate(tracker: MemoryTracker, extra: int) -> None:
             record.kinds = {**record.kinds, "activations": record.kinds.get("activations", 0) + extra}
     top = max(tracker.phases.values(), key=lambda r: r.peak)
     tracker.peak, tracker.peak_phase, tracker.peak_kinds = top.peak, top.name, dict(top.kinds)
-
-
-def _describe_adapters(cfg: Config, family: Any) -> str:
-    """'LoRA r=8' (one encoder), 'LoRA r=8 on te1, te2' or per encoder ('LoRA r=4 on te1 + LoRA r=16 on te2'),
-    from the adapters package's own reading of `lora.encoders`/`lora.per_encoder`."""
-    from tc_lite.adapters import encoder_settings, selected_slots
-
-    parts = []
-    for slot in selected_slots(cfg.lora, family):
-        e = encoder_settings(cfg.lora, slot.name)
-        parts.append((f"LoRA r={e['rank']}" if e["mode"] == "lora" else "full encoder", slot.name))
-    if len(family.slots) == 1:
-        return parts[0][0] if parts else "nothing trained"
-    if len({what for what, _ in parts}) == 1:
-        return f"{parts[0][0]} on {', '.join(name for _, name in parts)}"
-    return " + ".join(f"{what} on {name}" for what, name in parts)
 
 
 def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = False, fp32_norms: bool = True,
@@ -342,17 +352,7 @@ def estimate_memory(cfg: Config, *, round_to: int | None = None, exact: bool = F
                         else f"K={k_min} needs less"))
     if not target.cuda:
         notes.append("memory.device=cpu: this is CPU RAM for the step, in the preset's precision")
-    setting = {
-        "height": s.height, "width": s.width, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-        "steps": s.steps, "grad_steps": s.grad_steps, "guidance_scale": s.guidance_scale,
-        "precision": target.precision + ("" if target.cuda else " (cpu)"),
-        "lora": _describe_adapters(cfg, family),
-        "optimizer": cfg.optim.name, "attention": cfg.memory.attention,
-        "checkpoint_unet": cfg.memory.checkpoint_unet, "checkpoint_vae": cfg.memory.checkpoint_vae,
-        "checkpoint_unet_blocks": cfg.memory.checkpoint_unet_blocks, "vae_dtype": _DTYPE_NAMES[step.vae_dtype],
-        "prefix_cache": s.prefix_cache, "offload": cfg.rewards.offload,
-        "rewards": [f"{label}" for label, t in cfg.rewards.terms.items() if t.weight != 0],
-    }
+    setting = describe_setting(cfg, family, target.precision, target.cuda, step.vae_dtype)
     return MemoryEstimate(
         peak=tracker.peak, peak_phase=tracker.peak_phase, peak_kinds=tracker.peak_kinds, phases=phases,
         resident=step.resident, optimizer_state=optimizer_state, gradients=gradients, setting=setting,

@@ -16,7 +16,9 @@ Block checkpointing only pays where the grad steps' backward is the peak (SDXL; 
 plan that ends on a rung with it checks once whether the same settings fit without it, and then drops it.
 
 K (`sampling.grad_steps`) is never lowered: it changes what is trained, and once UNet calls are checkpointed memory
-does not depend on it. Attention is PyTorch SDPA (fused, O(N) memory; xformers saves nothing more on current GPUs).
+does not depend on it. Nor is anything else the run trains or samples changed (the adapters, the resolution, the
+prefix cache, which a UNet LoRA rules out): every rung is valid where the user's config is. Attention is PyTorch
+SDPA (fused, O(N) memory; xformers saves nothing more on current GPUs).
 The budget leaves room for what the estimate does not count: `vram_gb` less 0.75 GiB (CUDA context, kernels, cuBLAS
 workspace) less 8% (allocator fragmentation). Estimates are cached on disk, so a restart plans instantly.
 """
@@ -38,7 +40,7 @@ from tc_lite.memory.estimate import GiB, MemoryEstimate, estimate_memory
 
 RESERVE_GIB = 0.75
 FRAGMENTATION = 0.08
-_CACHE_VERSION = "memory-estimate-v5"  # bump when the estimator changes what it counts
+_CACHE_VERSION = "memory-estimate-v6"  # bump when the estimator changes what it counts
 
 
 def budget_bytes(vram_gb: float) -> int:
@@ -108,7 +110,7 @@ def _cache_key(cfg: Config) -> str:
     import transformers
 
     d = cfg.to_dict()
-    relevant = {k: d[k] for k in ("model", "lora", "sampling", "rewards")}
+    relevant = {k: d[k] for k in ("model", "lora", "unet", "sampling", "rewards")}
     relevant["memory"] = {k: v for k, v in d["memory"].items() if k not in ("plan", "vram_gb")}
     relevant["optim"] = d["optim"]["name"]
     relevant["train"] = {"batch_size": d["train"]["batch_size"], "accumulating": d["train"]["grad_accum"] > 1}
