@@ -1,16 +1,23 @@
-"""The memory estimator with a UNet LoRA (issue 13): its fp32 factors, gradients and AdamW state to the byte, and
-the activations its backward keeps and the drift penalty's extra call (traced, extrapolated exactly). The estimate
-against a real tiny-model step with a UNet LoRA is in tests/test_memory.py
-(`test_estimate_matches_a_real_training_step_of_the_tiny_model`)."""
+"""The memory estimator with a UNet LoRA (issue 13): its fp32 factors, gradients and AdamW state to the byte, the
+activations its backward keeps and the drift penalty's extra call (traced, extrapolated exactly), and
+`memory.plan: auto` on presets/aesthetic-te-unet.yaml. The estimate against a real tiny-model step with a UNet LoRA
+is in tests/test_memory.py (`test_estimate_matches_a_real_training_step_of_the_tiny_model`)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
+import pytest
 import torch
 
-from tc_lite.memory import estimate_memory
-from tests.test_memory import _bytes, tiny_cfg
+from tc_lite.config import load_config
+from tc_lite.config.checks import check_combinations
+from tc_lite.memory import estimate_memory, plan_memory
+from tc_lite.memory.plan import budget_bytes, ladder
+from tests.test_memory import ROOT, _bytes, estimate_once, tiny_cfg
+
+PRESET = ROOT / "presets" / "aesthetic-te-unet.yaml"
 
 
 def test_a_unet_lora_is_counted_to_the_byte(tmp_path):
@@ -67,3 +74,27 @@ def test_unet_lora_phases_and_drift_call_extrapolate_exactly(tmp_path):
     assert plain.phase("encode").kinds["activations"] == te_only.phase("encode").kinds["activations"]
     assert plain.phase("grad steps backward").peak > te_only.phase("grad steps backward").peak  # the LoRA inputs
     assert any("drift_weight" in n for n in fast.notes)
+
+
+@pytest.mark.parametrize("vram,blocks", [(6, True), (8, False)])
+def test_plan_auto_fits_the_te_unet_preset_at_6_and_8_gb(vram, blocks):
+    """`memory.plan: auto` on aesthetic-te-unet: at 8 GB the preset's own switches fit; at 6 GB (budget 4.77 GiB,
+    the preset needs 4.80) UNet block checkpointing. Every rung keeps the UNet LoRA and no prefix cache, and the
+    chosen config passes the config checks."""
+    cfg = load_config(PRESET, ["memory.plan=auto", f"memory.vram_gb={vram}"])
+    for rung in ladder(cfg):
+        problems: list[str] = []
+        check_combinations(rung.apply(cfg), problems)
+        assert not problems and rung.apply(cfg).sampling.prefix_cache == "none"
+    plan = plan_memory(cfg, estimator=estimate_once, use_cache=False)
+    c = plan.config
+    assert plan.fits and plan.peak <= plan.budget == budget_bytes(vram)
+    assert estimate_once(c).peak == plan.peak
+    assert c.unet == cfg.unet and c.sampling == cfg.sampling and c.lora == cfg.lora
+    assert c.memory.checkpoint_unet and c.memory.checkpoint_vae and c.memory.checkpoint_unet_blocks is blocks
+    problems = []
+    check_combinations(c, problems)
+    assert not problems
+    if not blocks:  # the preset's own switches
+        preset = load_config(PRESET)
+        assert dataclasses.replace(c.memory, plan="manual", vram_gb=None) == preset.memory
