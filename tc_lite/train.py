@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .adapters import active_adapters, build_adapters
+from .adapters import active_adapters, build_adapters, drift_penalty
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .conditioning import PromptEncoder
 from .config import Config, save_config
@@ -33,7 +33,7 @@ from .precision import resolve_precision, set_attention
 from .render import RenderPlan, Renderer
 from .rewards import RewardMix, build_reward
 from .run_folder import RunFolder
-from .sampling import Denoiser, DriftPenalty, make_scheduler
+from .sampling import Denoiser, make_scheduler
 from .step import FreshNoise, StepStats, TrainStep, step_generator
 from .tracking import HeldOutEval, make_tracker
 
@@ -119,12 +119,8 @@ class Recipe:
         return self
 
     def _denoiser(self) -> Denoiser:
-        u = self.cfg.unet
-        drift = None
-        if u.mode == "lora" and u.drift_weight > 0:
-            drift = DriftPenalty(u.drift_weight, lambda: self.adapters.original(only=self.adapters.keys("unet")))
         return Denoiser(self.components.unet, make_scheduler(self.cfg.sampling.scheduler, self.components.scheduler),
-                        self.precision.autocast, drift=drift)
+                        self.precision.autocast, drift=drift_penalty(self.cfg, self.adapters))
 
     def _latent_source(self, prompts: list[str]) -> Any:
         """Fresh noise every step, or with `sampling.prefix_cache` the cached latent after step T−K."""

@@ -10,7 +10,7 @@ from tc_lite.adapters.text_encoder import FullTextEncoder, TextEncoderLoRA
 from tc_lite.adapters.unet import UNetLoRA
 
 __all__ = ["Adapter", "AdapterSet", "FullTextEncoder", "TextEncoderLoRA", "UNetLoRA", "active_adapters",
-           "build_adapters", "encoder_settings", "selected_slots"]
+           "build_adapters", "drift_penalty", "encoder_settings", "selected_slots"]
 
 
 def build_adapters(cfg: Any, family: Any, components: Any) -> AdapterSet:
@@ -64,3 +64,14 @@ def encoder_settings(lora_cfg: Any, slot: str) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     return out
+
+
+def drift_penalty(cfg: Any, adapters: AdapterSet) -> Any:
+    """The `DriftPenalty` `unet.drift_weight` asks for (its base is the UNet with the UNet LoRA off), or None; the
+    recipe and the estimator build their denoisers with it."""
+    from tc_lite.sampling import DriftPenalty
+
+    u = cfg.unet
+    if u.mode != "lora" or u.drift_weight <= 0:
+        return None
+    return DriftPenalty(u.drift_weight, lambda: adapters.original(only=adapters.keys("unet")))

@@ -201,23 +201,16 @@ class _Step:
         channels = unet.config.in_channels
         latents: Any = (_ShapePrefix(prefix, channels, vae, s) if s.prefix_cache != "none"
                         else FreshNoise((channels, s.height // f, s.width // f), torch.device("cpu")))
+        from tc_lite.adapters import drift_penalty
         from tc_lite.sampling import Denoiser
 
-        denoiser = Denoiser(unet, ShapeScheduler(s.scheduler), precision.autocast, drift=self._drift())
+        denoiser = Denoiser(unet, ShapeScheduler(s.scheduler), precision.autocast,
+                            drift=drift_penalty(cfg, self.adapters))  # as the recipe builds it
         return TrainStep(cfg, encoder=self.encoder, denoiser=denoiser,
                          vae=vae, rewards=_PhasedRewards(self.rewards, self.tracker), latents=latents,
                          params=self.params, optimizer=self.optimizer,
                          schedule=torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0),
                          precision=precision, draw_grad_steps=lambda gen: grad_steps)
-
-    def _drift(self) -> Any:
-        """The drift penalty's extra no-grad UNet call per grad step, as `Recipe` builds it (`unet.drift_weight`)."""
-        from tc_lite.sampling import DriftPenalty
-
-        u, adapters = self.cfg.unet, self.adapters
-        if u.mode != "lora" or u.drift_weight <= 0:
-            return None
-        return DriftPenalty(u.drift_weight, lambda: adapters.original(only=adapters.keys("unet")))
 
     def run(self, grad_steps: int) -> int:
         """One micro-step with `grad_steps` grad steps and the optimizer step, through `TrainStep.micro_step` and
