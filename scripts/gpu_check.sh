@@ -3,7 +3,8 @@
 # bench memory with real steps (aesthetic, all-rewards, aesthetic-b4-12gb), fp16 and bf16 steps, 8-bit AdamW,
 # xformers, reward offload cpu/sequential, bench speed -- on SD1.5-architecture models with random weights -- and
 # bench memory with real steps of full-size SDXL (random weights, bundled configs) for presets/sdxl-12gb.yaml when
-# the time allows (--only memory/sdxl-12gb memory/sdxl-aesthetic runs both SDXL checks alone).
+# the time allows (--only memory/sdxl-12gb memory/sdxl-aesthetic runs both SDXL checks alone; --only
+# memory/aesthetic-te-unet measures the UNet LoRA preset).
 # Results: benchmarks/gpu/<device>.json and .md (e.g. nvidia-geforce-rtx-4090.md). Without a CUDA GPU it says so,
 # runs a quick CPU subset (tiny model, seconds) and writes benchmarks/gpu/cpu-only.json and .md.
 # It does not install anything (scripts/install.sh would put the CPU torch in place of your CUDA one).

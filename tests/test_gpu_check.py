@@ -162,6 +162,7 @@ def test_the_sdxl_checks_measure_full_size_sdxl_without_downloads(capsys):
 
     assert GPU_CHECKS[-1].name == "memory/sdxl-12gb" and GPU_CHECKS[-1].min_s >= 60
     assert [c.name for c in SDXL_EXTRA_CHECKS] == ["memory/sdxl-aesthetic"] and "memory/sdxl-aesthetic" in CHECKS
+    assert "memory/aesthetic-te-unet" in CHECKS and "memory/aesthetic-te-unet" not in [c.name for c in GPU_CHECKS]
     assert gpu_check.main(["--list"]) == 0
     assert "memory/sdxl-aesthetic" in capsys.readouterr().out
     for preset, upcast in (("sdxl-12gb.yaml", False), ("sdxl-aesthetic.yaml", True)):

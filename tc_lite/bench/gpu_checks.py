@@ -274,6 +274,11 @@ SDXL_EXTRA_CHECKS = [
     Check("memory/sdxl-aesthetic", "bench memory presets/sdxl-aesthetic.yaml, fp16 (VAE in fp32), full-size SDXL",
           180, sdxl_memory_check("sdxl-aesthetic.yaml", ["memory.precision=fp16"]), min_s=120),
 ]
+# Not in the default run (time): --only memory/aesthetic-te-unet, the UNet LoRA preset's estimate vs real steps.
+UNET_EXTRA_CHECKS = [
+    Check("memory/aesthetic-te-unet", "bench memory presets/aesthetic-te-unet.yaml (real steps, TE + UNet LoRA)", 75,
+          memory_check("aesthetic-te-unet.yaml")),
+]
 
 
 # ------------------------------------------------------------------------------------------------- CPU subset
@@ -318,4 +323,4 @@ CPU_CHECKS = [
     Check("speed/tiny", "bench speed presets/tiny-cpu.yaml, 1 repeat", 60, tiny_speed_check),
 ]
 
-CHECKS = {c.name: c for c in [*GPU_CHECKS, *SDXL_EXTRA_CHECKS, *CPU_CHECKS]}
+CHECKS = {c.name: c for c in [*GPU_CHECKS, *SDXL_EXTRA_CHECKS, *UNET_EXTRA_CHECKS, *CPU_CHECKS]}
