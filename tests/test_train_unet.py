@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -123,3 +124,18 @@ def test_a_te_unet_run_is_evaluated_and_sampled_with_its_unet_part(tmp_path, tin
         again = generate(comps, ["a blue square"], [0], **kw)
     assert torch.equal(zero, base_img) and torch.equal(again, base_img)  # generate leaves no LoRA switched on
     assert (full - text).abs().max() > 1e-3  # the UNet part changes the image beyond the text part
+
+
+def test_a_tiny_sdxl_run_trains_a_unet_lora_under_sgm_names(tmp_path):
+    """SDXL: the same adapter, kohya's SGM block names (`lora_unet_input_blocks_4_1_…`), beside both encoders."""
+    from tc_lite.models.tiny_sdxl import build_tiny_sdxl_components
+
+    build_tiny_sdxl_components(seed=0, pretrain=True)  # cached on disk after the first build
+    cfg = load_config(ROOT / "presets" / "tiny-sdxl-cpu.yaml",
+                      [f"output.dir={tmp_path / 'run'}", "logging.progress=false", "logging.sample_every=0",
+                       "train.steps=3", "unet.mode=lora", "unet.lr=5e-3"])
+    sd = load_file(run_training(cfg, log=lambda s: None))
+    prefixes = {re.match(r"lora_(te1|te2|unet_input_blocks|unet_middle_block|unet_output_blocks)_", k)[1] for k in sd}
+    assert prefixes == {"te1", "te2", "unet_input_blocks", "unet_middle_block", "unet_output_blocks"}
+    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks")) for k in sd)
+    assert any(k.endswith("_transformer_blocks_0_attn2_to_k.lora_up.weight") and sd[k].abs().sum() > 0 for k in sd)
