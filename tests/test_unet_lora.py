@@ -171,5 +171,7 @@ def test_unet_settings_without_a_unet_lora_and_impossible_stages_are_reported(tm
         load_config(None, ["unet.mode=lora", "unet.stage=after_te", "unet.targets=[to_q, attn]", "train.steps=10",
                            "unet.start_step=0"])
     assert "unet.targets[1]: 'attn'" in str(e.value) and "unet.stage: after_te" in str(e.value)
+    with pytest.raises(UserError, match="lora.encoders is empty"):
+        load_config(None, ["unet.mode=lora", "unet.stage=after_te", "unet.start_step=2", "lora.encoders=[]"])
     with pytest.raises(UserError, match="unet.start_step: 10 >= train.steps"):
         load_config(None, ["unet.mode=lora", "train.steps=10", "unet.start_step=10"])

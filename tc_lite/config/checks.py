@@ -122,7 +122,7 @@ def _unet_targets(cfg: Config) -> Iterable[str]:
         yield from unet_target_problems(cfg.unet.targets)
 
 
-@_check("unet.mode", "unet.stage", "unet.start_step", "unet.lr", "unet.drift_weight", "train.steps")
+@_check("unet.mode", "unet.stage", "unet.start_step", "unet.lr", "unet.drift_weight", "train.steps", "lora.encoders")
 def _unet_stage(cfg: Config) -> Iterable[str]:
     u = cfg.unet
     if u.mode == "none":
@@ -134,6 +134,9 @@ def _unet_stage(cfg: Config) -> Iterable[str]:
     if u.start_step >= cfg.train.steps:
         yield (f"unet.start_step: {u.start_step} >= train.steps ({cfg.train.steps}), so the UNet LoRA would never "
                "train; lower it or raise train.steps")
+    if u.stage == "after_te" and cfg.lora.encoders == []:
+        yield ("unet.stage: after_te trains the text encoders first, but lora.encoders is empty (the UNet alone); "
+               "use unet.stage=joint, or list the encoders to train first")
     if u.stage == "after_te" and u.start_step == 0:
         yield ("unet.stage: after_te trains the text encoders first, then the UNet from unet.start_step; set "
                "unet.start_step > 0 (e.g. half of train.steps), or use unet.stage=joint")
