@@ -74,8 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:  # ConfigError included (exit code 2)
-        print(f"error: {e}", file=sys.stderr)
+        _report(e)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _report(error: UserError) -> None:
+    """One message per run: with several processes (accelerate launch, torchrun) the others stay quiet about what
+    every process says alike (a config error, a stop), and name themselves for their own errors."""
+    import os
+
+    from .errors import ConfigError
+    from .interrupts import Interrupted
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr)
+    elif not isinstance(error, ConfigError | Interrupted):
+        print(f"error (process {rank}): {error}", file=sys.stderr)

@@ -24,6 +24,16 @@ class MetricsLog:
         self._f.close()
 
 
+class NullMetricsLog:
+    """What a process that does not write (data parallel, not the main one) logs to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class ProgressBar:
     """tqdm bar with reward, loss and (on CUDA) peak GPU memory; a no-op when disabled."""
 

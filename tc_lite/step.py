@@ -41,15 +41,21 @@ class LatentSource(Protocol):
 
 
 class FreshNoise:
-    """Pure noise from the step's generator (start 0): every step sees new starting latents."""
+    """Pure noise from the step's generator (start 0): every step sees new starting latents.
 
-    def __init__(self, shape: Sequence[int], device: torch.device):
+    With data parallelism (`shard` = (process index, process count)) every process draws the noise of the whole
+    global batch from the shared generator and keeps its own rows, so N processes see exactly the noise one process
+    would at N times the batch."""
+
+    def __init__(self, shape: Sequence[int], device: torch.device, shard: tuple[int, int] = (0, 1)):
         self.shape = tuple(int(x) for x in shape)  # (channels, latent height, latent width)
         self.device = device
+        self.index, self.count = shard
 
     def starting_latents(self, prompts: list[str], gen: torch.Generator, grad_steps: int) -> tuple[torch.Tensor, int]:
-        noise = torch.randn((len(prompts), *self.shape), generator=gen, dtype=torch.float32)
-        return noise.to(self.device), 0
+        n = len(prompts)
+        noise = torch.randn((n * self.count, *self.shape), generator=gen, dtype=torch.float32)
+        return noise[self.index * n : (self.index + 1) * n].to(self.device), 0
 
 
 class TrainStep:

@@ -8,7 +8,9 @@ prompt encoder, the rewards, the starting-latent source, the optimizer) and wire
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,13 +24,14 @@ from .conditioning import PromptEncoder
 from .config import Config, save_config
 from .data import PromptSampler, load_prompts
 from .decode import configure_vae
+from .distributed import Processes
 from .errors import UserError
 from .families import load_model
 from .interrupts import Interrupted, StopRequest
 from .memory.oom import out_of_memory_message
 from .models import freeze_and_cast
 from .optim import build_optimizer, build_schedule
-from .outputs import MetricsLog, ProgressBar, make_grid
+from .outputs import MetricsLog, NullMetricsLog, ProgressBar, make_grid
 from .precision import resolve_precision, set_attention
 from .render import RenderPlan, Renderer
 from .rewards import RewardMix, build_reward
@@ -47,12 +50,14 @@ def seed_everything(seed: int) -> None:
 
 
 class Recipe:
-    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print, processes: Processes | None = None):
         self.cfg = cfg
-        self.log = log
+        # One process writes and talks (tc_lite.distributed); the others train and stay quiet.
+        self.processes = processes or Processes.from_env(cpu=cfg.memory.device == "cpu")
+        self.log = log if self.processes.is_main else (lambda s: None)
         self.out = Path(cfg.output.dir)
         self.run_folder = RunFolder(self.out, cfg.output.name)  # one run per folder (see tc_lite.run_folder)
-        self.stop = StopRequest(log)
+        self.stop = StopRequest(self.log)
         self.prefix_cache = None  # set in setup() when sampling.prefix_cache is on
         self.started_at: float | None = None
 
@@ -63,8 +68,12 @@ class Recipe:
         from .preflight import preflight
 
         preflight(self.cfg)  # reward args, lora targets, data and model paths: before minutes of loading
-        cfg = self.cfg = apply_memory_plan(self.cfg, log=self.log)  # memory.plan: auto picks the switches; else as is
-        self.resume_from = self.run_folder.prepare(overwrite=cfg.output.overwrite, resume=cfg.train.resume)
+        procs = self.processes
+        # memory.plan: auto picks the switches (else as is); the main process decides for every process
+        cfg = self.cfg = procs.broadcast_object(apply_memory_plan(self.cfg, log=self.log) if procs.is_main else None)
+        prepared = self.run_folder.prepare(overwrite=cfg.output.overwrite, resume=cfg.train.resume) if procs.is_main \
+            else None
+        self.resume_from = procs.broadcast_object(prepared)
         self.precision = p = resolve_precision(cfg.memory)
         if p.device.type == "cpu" and cfg.memory.cpu_threads:
             torch.set_num_threads(cfg.memory.cpu_threads)
@@ -94,11 +103,15 @@ class Recipe:
         self.encoder = PromptEncoder(self.family, comps, self.adapters, size=(cfg.sampling.height, cfg.sampling.width))
         warn_long_prompts(self.family, comps, prompts, self.log)
         self.params = self.adapters.parameters()
+        procs.broadcast_parameters(self.params)  # every process starts from the main process's weights
+        if procs.count > 1:
+            seed_everything(cfg.train.seed + 1_000_003 * procs.index)  # LoRA dropout etc. differ per process
         self.rewards = RewardMix(
             [(label, build_reward(term.type or label, args=term.args, target=term.target), term.weight)
              for label, term in cfg.rewards.terms.items() if term.weight != 0],
             device=p.device, dtype=p.weight_dtype, offload=cfg.rewards.offload)
-        self.sampler = PromptSampler(prompts, cfg.train.batch_size, cfg.train.seed)
+        # One global stream of batches (batch_size x processes); each process takes its own rows (`_my_prompts`).
+        self.sampler = PromptSampler(prompts, cfg.train.batch_size * procs.count, cfg.train.seed)
         self.optimizer = build_optimizer(self.adapters.param_groups(), cfg.optim)
         self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
         self.trainer = TrainStep(cfg, encoder=self.encoder, denoiser=self._denoiser(), vae=comps.vae,
@@ -108,15 +121,28 @@ class Recipe:
         self.step = 0
         self.bad_steps = 0
         self._resume()
-        save_config(cfg, self.out / "config.yaml")
-        self.tracker = make_tracker(cfg.logging.tensorboard, self.out / "tensorboard", log=self.log)
-        self.evaluator = HeldOutEval(cfg.eval, self.out, log=self.log, resume_step=self.step, train_prompts=prompts,
+        if procs.is_main:
+            save_config(cfg, self.out / "config.yaml")
+        self.tracker = make_tracker(cfg.logging.tensorboard and procs.is_main, self.out / "tensorboard", log=self.log)
+        eval_cfg = cfg.eval if procs.is_main else dataclasses.replace(cfg.eval, every=0)  # the main process evaluates
+        self.evaluator = HeldOutEval(eval_cfg, self.out, log=self.log, resume_step=self.step, train_prompts=prompts,
                                      batch_size=cfg.train.batch_size)
         n_train = sum(x.numel() for x in self.params)
         self.log(f"tc-lite: {comps.source} ({self.family.label}) on {p.device} ({p.name}, attention {self.attention}); "
                  f"{self.adapters.describe()} with {n_train:,} trainable parameters; {len(prompts)} prompts; "
                  f"rewards {', '.join(f'{n}×{w:g}' for n, _, w in self.rewards.entries)}")
+        if procs.count > 1:
+            self.log(f"data parallel: {procs.count} processes × batch {cfg.train.batch_size} × accumulation "
+                     f"{cfg.train.grad_accum} = global batch {self.global_batch} per optimizer step")
         return self
+
+    @property
+    def global_batch(self) -> int:
+        """Prompts per optimizer step over all processes (per-device batch × processes × accumulation)."""
+        return self.cfg.train.batch_size * self.processes.count * self.cfg.train.grad_accum
+
+    def _my_prompts(self, batch: list[str]) -> list[str]:
+        return batch[self.processes.shard(self.cfg.train.batch_size)]
 
     def _denoiser(self) -> Denoiser:
         return Denoiser(self.components.unet, make_scheduler(self.cfg.sampling.scheduler, self.components.scheduler),
@@ -127,13 +153,17 @@ class Recipe:
         s, comps = self.cfg.sampling, self.components
         if s.prefix_cache == "none":
             f = comps.vae_scale_factor
-            return FreshNoise((comps.latent_channels, s.height // f, s.width // f), self.precision.device)
+            return FreshNoise((comps.latent_channels, s.height // f, s.width // f), self.precision.device,
+                              shard=(self.processes.index, self.processes.count))
         from .prefix_cache import build_prefix_cache
 
         self.prefix_cache = build_prefix_cache(self.cfg, self.family, comps, self.adapters, self.encoder,
                                                self.precision, self.out)
-        if s.prefix_cache == "prefill":
-            self.prefix_cache.prefill(prompts, batch_size=self.cfg.train.batch_size, log=self.log)
+        if s.prefix_cache == "prefill":  # each process fills its share; entries are written atomically
+            procs = self.processes
+            self.prefix_cache.prefill(prompts[procs.index :: procs.count], batch_size=self.cfg.train.batch_size,
+                                      log=self.log)
+            procs.barrier()
         return self.prefix_cache
 
     # ------------------------------------------------------------------------------------------------ checkpoints
@@ -146,13 +176,21 @@ class Recipe:
             "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
+            **({"processes": self.processes.count, "rng_per_process": self.processes.gather_state(rng_state())}
+               if self.processes.count > 1 else {}),
             "bad_steps": self.bad_steps,
             "started_at": self.started_at,
             "config": self.cfg.to_dict(),
         }
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.run_folder.checkpoints, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+        """The main process writes what every process needs (each one's RNG state included)."""
+        state = self.state_dict()  # collective with several processes: every process gathers
+        path = self.run_folder.checkpoints / f"step_{self.step:06d}.pt"
+        if self.processes.is_main:
+            path = save_checkpoint(self.run_folder.checkpoints, self.step, state, self.cfg.train.keep_checkpoints)
+        self.processes.barrier()  # nobody reads or resumes from a checkpoint still being written
+        return path
 
     def _resume(self) -> None:
         path = self.resume_from
@@ -167,20 +205,29 @@ class Recipe:
         self.precision.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        saved, now = state.get("processes", 1), self.processes.count
+        if saved != now:
+            raise UserError(
+                f"train.resume: {path} was written by a run of {saved} process(es), this launch has {now}. The "
+                f"prompt order and noise follow the global batch ({saved} x train.batch_size), and each process's "
+                f"random state was saved; launch with --num_processes {saved} to resume exactly, or start a new "
+                "output.dir (or train.resume=null after moving the checkpoints away)")
+        set_rng_state(state["rng_per_process"][self.processes.index] if now > 1 else state["rng"])
         self.bad_steps = state["bad_steps"]
         self.started_at = state.get("started_at")
         self.step = state["step"]
-        self.run_folder.truncate_after(self.step)
+        if self.processes.is_main:
+            self.run_folder.truncate_after(self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------------------------------------ loop
 
     def train(self) -> Path:
         cfg = self.cfg
-        self.started_at = self.started_at or time.time()
-        metrics = MetricsLog(self.out / "metrics.jsonl")
-        bar = ProgressBar(total=cfg.train.steps, initial=self.step, enabled=cfg.logging.progress)
+        self.started_at = self.processes.broadcast_object(self.started_at or time.time())
+        main = self.processes.is_main  # the one writer: metrics, bar, samples, eval, checkpoints, export, plots
+        metrics = MetricsLog(self.out / "metrics.jsonl") if main else NullMetricsLog()
+        bar = ProgressBar(total=cfg.train.steps, initial=self.step, enabled=cfg.logging.progress and main)
         if cfg.logging.sample_every and self.step == 0:
             self.save_samples(0)
         self.evaluate(self.step)  # step 0: the base model's held-out reward, the bar to beat
@@ -196,15 +243,17 @@ class Recipe:
                 bar.update(record)
                 if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
                     self.save_samples(self.step)
-                stop_early = self.evaluate(self.step)
+                stop_early = self.processes.broadcast_object(self.evaluate(self.step))
+                stopping = self.processes.any(self.stop.signum is not None)  # a signal to any process stops all
                 every = cfg.train.checkpoint_every
-                if self.stop.signum is not None or (every and self.step % every == 0 and self.step < cfg.train.steps):
+                if stopping or (every and self.step % every == 0 and self.step < cfg.train.steps):
                     path = self.save_checkpoint()
-                if self.stop.signum is not None:
+                if stopping:
                     bar.close()
                     metrics.close()
                     raise Interrupted(f"stopped at step {self.step}; checkpoint {path}. "
-                                      f"Run the same command again to resume (train.resume: auto).", self.stop.signum)
+                                      f"Run the same command again to resume (train.resume: auto).",
+                                      self.stop.signum or signal.SIGTERM)
                 if stop_early:
                     self.log(self.evaluator.stop_message())
                     break
@@ -215,6 +264,7 @@ class Recipe:
         metrics.close()
         self.tracker.close()
         self.write_plots()
+        self.processes.barrier()  # every process ends with the run's files written
         self.log(f"done: {path}")
         return path
 
@@ -224,12 +274,15 @@ class Recipe:
         stats = StepStats()
         try:
             for micro in range(cfg.train.grad_accum):
-                trainer.micro_step(next(self.sampler), step_generator(cfg.train.seed, self.step, micro), stats)
+                trainer.micro_step(self._my_prompts(next(self.sampler)),
+                                   step_generator(cfg.train.seed, self.step, micro), stats)
         except torch.OutOfMemoryError:
             raise UserError(out_of_memory_message(cfg)) from None
         self.adapters.drop_grads(active_adapters(cfg, self.adapters, self.step))  # unet.stage / unet.start_step
+        self.processes.average_gradients(self.params)  # data parallel: the global batch's mean gradient
         norm, applied = trainer.optimizer_step()
         self.step += 1
+        self._global_stats(stats)
         self.bad_steps = 0 if trainer.step_was_good(stats.loss, applied) else self.bad_steps + 1
         if self.bad_steps >= cfg.train.max_bad_steps:
             raise UserError(
@@ -247,7 +300,21 @@ class Recipe:
             record |= {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
         if self.precision.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.processes.count > 1:
+            record["global_batch"] = self.global_batch
         return record
+
+    def _global_stats(self, stats: StepStats) -> None:
+        """The step's loss and rewards over the global batch (each process measured its own share)."""
+        if self.processes.count == 1:
+            return
+        local = {"loss": stats.loss, "reward": stats.reward, **{f"part/{k}": v for k, v in stats.parts.items()}}
+        if stats.drift is not None:
+            local["drift"] = stats.drift
+        mean = self.processes.mean(local)
+        stats.loss, stats.reward = mean["loss"], mean["reward"]
+        stats.parts = {k: mean[f"part/{k}"] for k in stats.parts}
+        stats.drift = mean.get("drift")
 
     def evaluate(self, step: int) -> bool:
         """Held-out evaluation when `eval.every` says so (see tc_lite.tracking); True when early stopping says stop.
@@ -266,6 +333,8 @@ class Recipe:
         """Reward/loss curves to <out>/plots (also `python -m tc_lite plot`); a plot never fails a finished run."""
         from .plots import plot_run
 
+        if not self.processes.is_main:
+            return
         try:
             plot_run(self.out)
         except Exception as e:  # noqa: BLE001
@@ -284,7 +353,9 @@ class Recipe:
             uncond = (e.uncond_tuned if tuned else e.uncond_base)(neg)
             return self.renderer.render(cond, uncond, seeds)
 
-    def save_samples(self, step: int) -> Path:
+    def save_samples(self, step: int) -> Path | None:
+        if not self.processes.is_main:
+            return None
         lg = self.cfg.logging
         images = self.render(lg.sample_prompts, lg.sample_seeds)
         path = self.out / "samples" / f"step_{step:06d}.png"
@@ -294,8 +365,11 @@ class Recipe:
 
     def export(self, path: Path | None = None) -> Path:
         """Write the run's result (see `tc_lite.export.trained`): the kohya LoRA, or the full encoder."""
-        from .export.trained import export_trained
+        from .export.trained import export_trained, result_paths
 
+        if not self.processes.is_main:  # where the main process writes it
+            kohya, full = result_paths(self.cfg, self.family, path=path)
+            return kohya or next(iter(full.values()))
         return export_trained(self.adapters, self.family, self.cfg, steps=self.step, precision=self.precision.name,
                               started_at=self.started_at, path=path, log=self.log)
 
@@ -310,4 +384,14 @@ def warn_long_prompts(family: Any, components: Any, prompts: list[str], log: Cal
 
 
 def run_training(cfg: Config, log: Callable[[str], None] = print) -> Path:
-    return Recipe(cfg, log).setup().train()
+    recipe = Recipe(cfg, log)
+    try:
+        return recipe.setup().train()
+    except RuntimeError as e:  # data parallel: another process died (the launcher stops the rest)
+        if recipe.processes.lost_peer(e):
+            raise UserError(f"process {recipe.processes.index}: another process of this run stopped ({str(e)[:200]}); "
+                            f"stopping too. The newest checkpoint in {recipe.run_folder.checkpoints} is kept: fix "
+                            "what stopped it (its own message above) and rerun the same launch command") from None
+        raise
+    finally:
+        recipe.processes.close()
