@@ -124,6 +124,29 @@ class Processes:
         self._dist().broadcast_object_list(box, src=0)
         return box[0]
 
+    def broadcast_state(self, state: Any) -> Any:
+        """The main process's `state` (a checkpoint's tensors and values) on every process, so only the main
+        process needs to read the file (nodes without a shared disk)."""
+        if self.count == 1:
+            return state
+        blob = None
+        if self.is_main:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            blob = buf.getvalue()
+        return torch.load(io.BytesIO(self.broadcast_object(blob)), weights_only=True)
+
+    def quiet(self) -> None:
+        """Silence Python warnings and library log messages in every process but the main one, so a warning is
+        printed once, not once per process."""
+        if self.is_main:
+            return
+        import logging
+        import warnings
+
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+
     def gather_state(self, state: Any) -> list[Any]:
         """Every process's `state` (tensors and plain values, as a checkpoint holds them), in process order, on
         every process. Sent as `torch.save` bytes: pickling CPU tensors inside all_gather_object does not load back."""

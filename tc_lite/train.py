@@ -55,6 +55,7 @@ class Recipe:
         # One process writes and talks (tc_lite.distributed); the others train and stay quiet.
         self.processes = processes or Processes.from_env(cpu=cfg.memory.device == "cpu")
         self.log = log if self.processes.is_main else (lambda s: None)
+        self.processes.quiet()
         self.out = Path(cfg.output.dir)
         self.run_folder = RunFolder(self.out, cfg.output.name)  # one run per folder (see tc_lite.run_folder)
         self.stop = StopRequest(self.log)
@@ -196,7 +197,7 @@ class Recipe:
         path = self.resume_from
         if path is None:
             return
-        state = load_checkpoint(path)
+        state = self.processes.broadcast_state(load_checkpoint(path) if self.processes.is_main else None)
         if "adapters" not in state:
             raise UserError(f"train.resume: {path} was written by an older tc-lite (no adapter state); start a new "
                             "output.dir, or resume it with the tc-lite version that wrote it")
@@ -371,7 +372,7 @@ class Recipe:
             kohya, full = result_paths(self.cfg, self.family, path=path)
             return kohya or next(iter(full.values()))
         return export_trained(self.adapters, self.family, self.cfg, steps=self.step, precision=self.precision.name,
-                              started_at=self.started_at, path=path, log=self.log)
+                              started_at=self.started_at, path=path, log=self.log, processes=self.processes.count)
 
 
 def warn_long_prompts(family: Any, components: Any, prompts: list[str], log: Callable[[str], None]) -> int:

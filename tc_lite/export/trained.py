@@ -74,8 +74,16 @@ def result_paths(cfg: Any, family: Any, out_dir: str | Path | None = None,
                                         for s, mode in modes.items() if mode == "full"}
 
 
+def batch_metadata(cfg: Any, processes: int = 1) -> dict[str, Any]:
+    """How many prompts made one optimizer step, as kohya writes it (``ss_batch_size_per_device``,
+    ``ss_total_batch_size`` = per device × processes × accumulation) and how many processes shared it."""
+    b, accum = cfg.train.batch_size, cfg.train.grad_accum
+    return {"ss_batch_size_per_device": b, "ss_gradient_accumulation_steps": accum,
+            "ss_total_batch_size": b * processes * accum, "tc_lite_processes": processes}
+
+
 def export_trained(adapters: Any, family: Any, cfg: Any, *, steps: int, precision: str, started_at: float | None,
-                   path: Path | None = None, log: Callable[[str], None] = print) -> Path:
+                   path: Path | None = None, log: Callable[[str], None] = print, processes: int = 1) -> Path:
     """Write the run's result (see `result_paths`) and return its path: `<output.dir>/<output.name>.safetensors`
     when anything trained as a LoRA, else the (first) full encoder's file. `path` replaces that first file's path;
     full encoders beside a LoRA then go to `<path stem>_text_encoder[_2].safetensors`."""
@@ -88,7 +96,8 @@ def export_trained(adapters: Any, family: Any, cfg: Any, *, steps: int, precisio
     if kohya_dest is not None:
         tensors = {k: v for a in loras for k, v in a.kohya_tensors().items()}
         meta = run_lora_metadata(cfg, tensors, output_name=cfg.output.name, steps=steps, precision=precision,
-                                 base_model_version=family.kohya_base_model_version, started_at=started_at)
+                                 base_model_version=family.kohya_base_model_version, started_at=started_at,
+                                 extra=batch_metadata(cfg, processes))
         written.append(write_kohya(tensors, kohya_dest, metadata=meta, save_dtype=dtype))
         if warning := a1111_warning(tensors):
             log(warning)
