@@ -41,6 +41,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_states(processes: Any) -> dict[str, Any]:
+    """The checkpoint's RNG entries: this process's state, and with data parallelism every process's (gathered,
+    so the main process can write them all) and their number."""
+    if processes.count == 1:
+        return {"rng": rng_state()}
+    return {"rng": rng_state(), "processes": processes.count, "rng_per_process": processes.gather_state(rng_state())}
+
+
+def restore_rng_states(state: dict[str, Any], processes: Any, source: Any) -> None:
+    """This process's RNG state from a checkpoint; a UserError when another number of processes wrote it (the
+    prompt order and noise follow the global batch, and the RNG states are per process)."""
+    saved, now = state.get("processes", 1), processes.count
+    if saved != now:
+        raise UserError(
+            f"train.resume: {source} was written by a run of {saved} process(es), this launch has {now}. The prompt "
+            f"order and noise follow the global batch ({saved} x train.batch_size), and each process's random state "
+            f"was saved; launch with --num_processes {saved} to resume exactly, or start a new output.dir (or "
+            "train.resume=null after moving the checkpoints away)")
+    set_rng_state(state["rng_per_process"][processes.index] if now > 1 else state["rng"])
+
+
 def _tuples(x: Any) -> Any:
     """torch.load returns python's RNG state with lists where random.setstate needs tuples."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -241,3 +241,12 @@ class PromptSampler:
                 f"resume: sampler state epoch={epoch} position={position} is out of range; the checkpoint is damaged"
             )
         self.epoch, self.position = epoch, position
+
+
+def warn_long_prompts(family: Any, components: Any, prompts: list[str], log: Callable[[str], None]) -> int:
+    """CLIP sees at most 77 tokens (start and end included); say how many prompts lose their tail."""
+    limit, long = family.long_prompts(components, prompts)
+    if long:
+        log(f"warning: {len(long)} of {len(prompts)} prompts are longer than the text encoder's {limit} tokens and "
+            f"are truncated, e.g. {long[0][:80]!r}...")
+    return len(long)

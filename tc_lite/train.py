@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from .adapters import active_adapters, build_adapters, drift_penalty
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .conditioning import PromptEncoder
 from .config import Config, save_config
-from .data import PromptSampler, load_prompts
+from .data import PromptSampler, load_prompts, warn_long_prompts
 from .decode import configure_vae
 from .distributed import Processes
 from .errors import UserError
@@ -176,9 +176,7 @@ class Recipe:
             "scaler": self.precision.scaler.state_dict(),
             "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": rng_state(),
-            **({"processes": self.processes.count, "rng_per_process": self.processes.gather_state(rng_state())}
-               if self.processes.count > 1 else {}),
+            **rng_states(self.processes),  # every process's, gathered (a collective with several processes)
             "bad_steps": self.bad_steps,
             "started_at": self.started_at,
             "config": self.cfg.to_dict(),
@@ -206,14 +204,7 @@ class Recipe:
         self.precision.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
-        saved, now = state.get("processes", 1), self.processes.count
-        if saved != now:
-            raise UserError(
-                f"train.resume: {path} was written by a run of {saved} process(es), this launch has {now}. The "
-                f"prompt order and noise follow the global batch ({saved} x train.batch_size), and each process's "
-                f"random state was saved; launch with --num_processes {saved} to resume exactly, or start a new "
-                "output.dir (or train.resume=null after moving the checkpoints away)")
-        set_rng_state(state["rng_per_process"][self.processes.index] if now > 1 else state["rng"])
+        restore_rng_states(state, self.processes, path)
         self.bad_steps = state["bad_steps"]
         self.started_at = state.get("started_at")
         self.step = state["step"]
@@ -373,15 +364,6 @@ class Recipe:
             return kohya or next(iter(full.values()))
         return export_trained(self.adapters, self.family, self.cfg, steps=self.step, precision=self.precision.name,
                               started_at=self.started_at, path=path, log=self.log, processes=self.processes.count)
-
-
-def warn_long_prompts(family: Any, components: Any, prompts: list[str], log: Callable[[str], None]) -> int:
-    """CLIP sees at most 77 tokens (start and end included); say how many prompts lose their tail."""
-    limit, long = family.long_prompts(components, prompts)
-    if long:
-        log(f"warning: {len(long)} of {len(prompts)} prompts are longer than the text encoder's {limit} tokens and "
-            f"are truncated, e.g. {long[0][:80]!r}...")
-    return len(long)
 
 
 def run_training(cfg: Config, log: Callable[[str], None] = print) -> Path:
