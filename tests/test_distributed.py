@@ -31,10 +31,10 @@ def launch(out: Path, *extra: str, processes: int = 2, accelerate: bool = False)
     """The run as a user starts it: torchrun (or accelerate launch) over run.py, in its own process group."""
     if processes == 1:
         cmd = [sys.executable, "run.py"]
-    elif accelerate:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(_free_port()), "run.py"]
+    elif accelerate:  # the README's example config (MULTI_GPU: on a machine without GPUs, gloo on the CPU)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "docs" / "accelerate" / "two-gpus.yaml"), "--num_processes", str(processes),
+               "--main_process_port", str(_free_port()), "run.py"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "run.py"]
