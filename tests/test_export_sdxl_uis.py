@@ -101,18 +101,26 @@ def _comfy_clip_state(te1: nn.Module, te2: nn.Module) -> dict[str, torch.Tensor]
             for tower, te in (("clip_l", te1), ("clip_g", te2)) for k, v in te.state_dict().items()}
 
 
-def _comfy_patch(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], strength: float = 1.0):
-    """`load_lora` + `calculate_weight` for kohya LoRA keys; also returns the keys ComfyUI would log as not loaded."""
-    key_map = _comfy_model_lora_keys_clip(set(state))
+def comfy_apply(state: dict[str, torch.Tensor], key_map: dict[str, str], lora: dict[str, torch.Tensor],
+                strength: float = 1.0) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """ComfyUI's `load_lora` + `calculate_weight` for kohya LoRA keys through `key_map` (LoRA module -> weight):
+    W += strength · (alpha/r) · up@down (flattened, as for 1x1 convolutions); also returns the keys ComfyUI would
+    log as not loaded."""
     out, loaded = {k: v.clone() for k, v in state.items()}, set()
     for x, target in key_map.items():
         if f"{x}.lora_up.weight" not in lora:
             continue
         up, down = lora[f"{x}.lora_up.weight"].float(), lora[f"{x}.lora_down.weight"].float()
         alpha = lora[f"{x}.alpha"].item() / down.shape[0] if f"{x}.alpha" in lora else 1.0
-        out[target] += strength * alpha * torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1))
+        diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(out[target].shape)
+        out[target] += strength * alpha * diff
         loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight", f"{x}.alpha"}
     return out, sorted(set(lora) - loaded)
+
+
+def _comfy_patch(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """ComfyUI applying a LoRA to the text encoders (its CLIP key map)."""
+    return comfy_apply(state, _comfy_model_lora_keys_clip(set(state)), lora, strength)
 
 
 def test_comfyui_maps_every_module_of_a_real_sdxl_lora_to_clip_l_or_clip_g(real_modules):

@@ -42,6 +42,7 @@ from tc_lite.export import read_kohya
 from tc_lite.lora import lora_layers
 from tc_lite.unet_lora import add_unet_lora, kohya_unet_module_name, split_unet_lora, unet_kohya_state_dict
 from tests.test_export_sdxl import xl  # noqa: F401 (fixture)
+from tests.test_export_sdxl_uis import comfy_apply
 from tests.test_export_unet import peft_merged, sd1, sd1_run, xl_run  # noqa: F401 (fixtures)
 
 ASSETS = Path(__file__).resolve().parents[1] / "tc_lite" / "assets"
@@ -116,19 +117,8 @@ def _comfy_model_lora_keys_unet(model_keys: set[str], mapping: dict[str, str]) -
 
 def _comfy_patch(model: dict[str, torch.Tensor], mapping: dict[str, str], lora: dict[str, torch.Tensor],
                  strength: float) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """`load_lora` + `calculate_weight` with the UNet's key map alone (LoraLoaderModelOnly's, and LoraLoader's UNet
-    half); returns the patched weights and the keys ComfyUI would log as not loaded."""
-    key_map = _comfy_model_lora_keys_unet(set(model), mapping)
-    out, loaded = {k: v.clone() for k, v in model.items()}, set()
-    for x, target in key_map.items():
-        if f"{x}.lora_up.weight" not in lora:
-            continue
-        up, down = lora[f"{x}.lora_up.weight"].float(), lora[f"{x}.lora_down.weight"].float()
-        alpha = lora[f"{x}.alpha"].item() / down.shape[0] if f"{x}.alpha" in lora else 1.0
-        diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(out[target].shape)
-        out[target] += strength * alpha * diff
-        loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight", f"{x}.alpha"}
-    return out, sorted(set(lora) - loaded)
+    """ComfyUI with the UNet's key map alone (LoraLoaderModelOnly's, and LoraLoader's UNet half)."""
+    return comfy_apply(model, _comfy_model_lora_keys_unet(set(model), mapping), lora, strength)
 
 
 _A1111_UNET = [  # convert_diffusers_name_to_compvis, its attention rules (suffix_conversion touches resnets only)
