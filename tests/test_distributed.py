@@ -113,7 +113,7 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, tiny
 
 def test_resume_after_sigkill_of_the_two_process_run_is_exact(tmp_path, tiny_components):
     extra = ["train.steps=8", "logging.sample_every=0", "train.batch_size=2", "lora.dropout=0.1",
-             "sampling.prefix_cache=lazy"]  # dropout: each process's RNG state; the cache: one folder, two writers
+             "sampling.prefix_cache=prefill"]  # dropout: each process's RNG state; the cache: each fills its share
     ref = launch(tmp_path / "ref", *extra)
     finish(ref)
     out = tmp_path / "killed"
@@ -128,6 +128,7 @@ def test_resume_after_sigkill_of_the_two_process_run_is_exact(tmp_path, tiny_com
     a, b = load_file(tmp_path / "ref" / "tiny_cpu.safetensors"), load_file(out / "tiny_cpu.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
     assert [r["step"] for r in rows(out)] == list(range(1, 9))
+    assert len(list((out / "prefix_cache").rglob("*.safetensors"))) == 24  # every tiny prompt once, one folder
 
 
 def test_sigterm_checkpoints_once_and_another_process_count_is_refused_clearly(tmp_path, tiny_components):
