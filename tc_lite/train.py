@@ -372,9 +372,9 @@ def run_training(cfg: Config, log: Callable[[str], None] = print) -> Path:
         return recipe.setup().train()
     except RuntimeError as e:  # data parallel: another process died (the launcher stops the rest)
         if recipe.processes.lost_peer(e):
-            raise UserError(f"process {recipe.processes.index}: another process of this run stopped ({str(e)[:200]}); "
-                            f"stopping too. The newest checkpoint in {recipe.run_folder.checkpoints} is kept: fix "
-                            "what stopped it (its own message above) and rerun the same launch command") from None
+            raise UserError(f"another process of this run stopped ({str(e)[:200]}); stopping too. The newest "
+                            f"checkpoint in {recipe.run_folder.checkpoints} is kept: fix what stopped it (its own "
+                            "message above) and rerun the same launch command") from None
         raise
     finally:
         recipe.processes.close()
