@@ -22,23 +22,21 @@ _PREFIX = "tc_lite_mix"
 
 
 def _unet_part(source: Any) -> tuple[str, dict[str, torch.Tensor]]:
-    """(label, the `lora_unet_` tensors) of a tuned source; empty for modules, full encoders and TE-only files."""
-    import os
-
+    """(label, the `lora_unet_` tensors) of a tuned source, in any format `read_tuned` reads (kohya, diffusers and
+    peft files bring their UNet part under kohya names); empty for modules, full encoders and TE-only files."""
+    from tc_lite.export import read_tuned
     from tc_lite.unet_lora import split_unet_lora
 
     if isinstance(source, torch.nn.Module):
         return "module", {}
-    if isinstance(source, Mapping):
-        if not all(isinstance(v, torch.Tensor) for v in source.values()):  # slot name -> encoder file or module
-            return _unet_part(source["unet"]) if "unet" in source else ("encoders", {})
-        return "LoRA state dict", split_unet_lora(source)[1]
-    if not isinstance(source, str | os.PathLike) or not str(source).endswith(".safetensors"):
-        return str(source), {}  # a peft/diffusers folder: read by the text-encoder readers
-    from tc_lite.export.kohya import read_kohya
-
-    tensors, _ = read_kohya(source)
-    return str(source), split_unet_lora(tensors)[1]
+    if isinstance(source, Mapping) and not all(isinstance(v, torch.Tensor) for v in source.values()):
+        # slot name -> encoder file or module (full encoders), and the run's kohya file under "unet"
+        return _unet_part(source["unet"]) if "unet" in source else ("encoders", {})
+    label = "LoRA state dict" if isinstance(source, Mapping) else str(source)
+    if isinstance(source, Mapping) and not source:
+        return label, {}
+    kind, sd = read_tuned(source)
+    return label, split_unet_lora(sd)[1] if kind == "lora" else {}
 
 
 class UNetLoRAMix:

@@ -139,3 +139,31 @@ def test_a_tiny_sdxl_run_trains_a_unet_lora_under_sgm_names(tmp_path):
     assert prefixes == {"te1", "te2", "unet_input_blocks", "unet_middle_block", "unet_output_blocks"}
     assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks")) for k in sd)
     assert any(k.endswith("_transformer_blocks_0_attn2_to_k.lora_up.weight") and sd[k].abs().sum() > 0 for k in sd)
+
+
+def test_the_unet_part_of_every_lora_format_is_applied_at_inference(tmp_path, tiny_components):
+    """kohya, diffusers and peft exports of a TE+UNet LoRA give the same UNet through `UNetLoRAMix` (and a
+    text-encoder-only source gives none)."""
+    from tc_lite.export import export_diffusers, export_peft
+    from tc_lite.unet_lora import add_unet_lora, split_unet_lora, unet_kohya_state_dict
+    from tc_lite.lora import lora_layers
+    from tc_lite.unet_mix import UNetLoRAMix
+
+    trained = copy.deepcopy(tiny_components.unet)
+    add_unet_lora(trained, rank=4, alpha=2.0)
+    with torch.no_grad():
+        for _, layer in lora_layers(trained):
+            layer.lora_B["tc_lite"].weight.normal_(0, 0.1)
+    kohya = unet_kohya_state_dict(trained, "sd_v1")
+    sources = {"kohya": kohya,
+               "diffusers": export_diffusers(kohya, tmp_path / "d", save_dtype=torch.float32, unet=trained),
+               "peft": export_peft(kohya, tmp_path / "p", save_dtype=torch.float32, unet=trained)}
+    x, h = torch.randn(1, 4, 8, 8), torch.randn(1, 77, tiny_components.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        want = trained(x, 10, encoder_hidden_states=h).sample
+        for name, source in sources.items():
+            unet = copy.deepcopy(tiny_components.unet)
+            mix = UNetLoRAMix(unet, [source, split_unet_lora(kohya)[0]])
+            assert mix.names[1] is None, name  # nothing for the UNet in a text-encoder-only source
+            with mix.applied([1.0, 1.0]):
+                torch.testing.assert_close(unet(x, 10, encoder_hidden_states=h).sample, want, atol=1e-5, rtol=0)
