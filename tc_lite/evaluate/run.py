@@ -148,15 +148,18 @@ def evaluate(model: Any, loras: Sequence[Any] = (), settings: EvalSettings | Non
     collector = Collector(out, names, prompts, seeds, labels, settings.grid_prompts, settings.save_images)
     chunk = max(1, settings.batch_size // n_seeds) if n_seeds <= settings.batch_size else 1
     bar = tqdm(total=len(prompts) * n_seeds * n_models, disable=not settings.progress, unit="img", desc="eval")
-    for start in range(0, len(prompts), chunk):
-        idx = list(range(start, min(start + chunk, len(prompts))))
-        texts = [prompts[i] for i in idx]
-        per_image_prompts = [t for t in texts for _ in seeds]
-        for name, images in zip(names, renderer.render(texts, seeds)):
-            with torch.no_grad():
-                _, parts = mix(images, per_image_prompts)
-            collector.add(name, idx, images, parts, embed(images))
-            bar.update(len(idx) * n_seeds)
+    try:
+        for start in range(0, len(prompts), chunk):
+            idx = list(range(start, min(start + chunk, len(prompts))))
+            texts = [prompts[i] for i in idx]
+            per_image_prompts = [t for t in texts for _ in seeds]
+            for name, images in zip(names, renderer.render(texts, seeds)):
+                with torch.no_grad():
+                    _, parts = mix(images, per_image_prompts)
+                collector.add(name, idx, images, parts, embed(images))
+                bar.update(len(idx) * n_seeds)
+    finally:
+        renderer.unet_loras.close()  # the caller's components (when given) leave as they came
     bar.close()
 
     s = settings
