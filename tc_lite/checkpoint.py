@@ -74,9 +74,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"step_{step:06d}.pt"
+
+
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write `step_NNNNNN.pt` atomically, then drop all but the newest `keep` checkpoints."""
-    path = folder / f"step_{step:06d}.pt"
+    path = checkpoint_path(folder, step)
     with atomic_path(path) as tmp:
         torch.save({"step": step, **state}, tmp)
     for old in list_checkpoints(folder)[:-keep]:

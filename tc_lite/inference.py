@@ -78,18 +78,20 @@ def _base_dtype(encoder: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def tuned_encoder(base: torch.nn.Module, source: TunedSource, *, prefix: str = "lora_te") -> torch.nn.Module:
+def tuned_encoder(base: torch.nn.Module, source: TunedSource, *, prefix: str = "lora_te",
+                  label: str | None = None) -> torch.nn.Module:
     """One tuned encoder described by ``source``, built on a copy of ``base`` (``base`` itself is not modified).
 
     A module is returned as is. A path or state dict is read with :func:`tc_lite.export.read_tuned`, which
     recognises kohya / diffusers / peft LoRAs and full-encoder files and raises a ``UserError`` naming the file
-    for anything else (wrong base model included). ``prefix``: the kohya prefix of this encoder's modules.
+    for anything else (wrong base model included). ``prefix``: the kohya prefix of this encoder's modules;
+    ``label``: the file a state dict came from, for messages.
     """
     if isinstance(source, torch.nn.Module):
         return source
     from tc_lite.export import read_tuned
 
-    label = str(source) if not isinstance(source, Mapping) else "LoRA state dict"
+    label = label or (str(source) if not isinstance(source, Mapping) else "LoRA state dict")
     kind, sd = read_tuned(source)
     te = plain_copy(base)
     if kind == "lora":
@@ -112,7 +114,7 @@ def tuned_encoders(components: Any, source: TunedSource,
     slots = {s.name: s for s in family.slots}
     if isinstance(source, Mapping) and not source:
         return {}  # what a UNet-only LoRA gives: no tuned encoder
-    if isinstance(source, Mapping) and source and set(source) - {"unet"} <= set(slots):  # slot -> module or file
+    if isinstance(source, Mapping) and set(source) - {"unet"} <= set(slots):  # slot -> module or file
         return {name: tuned_encoder(base[name], src, prefix=slots[name].kohya_prefix)  # type: ignore[arg-type]
                 for name, src in source.items() if name != "unet"}  # "unet": the run's UNet LoRA (unet_mix)
     if isinstance(source, torch.nn.Module):
@@ -125,19 +127,18 @@ def tuned_encoders(components: Any, source: TunedSource,
     kind, sd = read_tuned(source)  # type: ignore[arg-type]
     if kind == "encoder":  # one fully trained encoder: the slot whose base encoder has its names and shapes
         name = family.slots[0].name if len(family.slots) == 1 else _slot_of_encoder(family, base, sd, label)
-        return {name: tuned_encoder(base[name], sd, prefix=slots[name].kohya_prefix)}
+        return {name: tuned_encoder(base[name], sd, prefix=slots[name].kohya_prefix, label=label)}
     sd, unet_part = split_unet_lora(sd)  # the UNet part applies at render time (tc_lite.unet_mix)
     if not sd and unet_part:
         return {}  # a UNet-only LoRA: the text encoders stay the base ones
     if len(family.slots) == 1:
         slot = family.slots[0]
-        return {slot.name: load_kohya_state_dict(plain_copy(base[slot.name]), sd, source=label,
-                                                 prefix=slot.kohya_prefix).eval()}
+        return {slot.name: tuned_encoder(base[slot.name], sd, prefix=slot.kohya_prefix, label=label)}
     out = {}
     for slot in family.slots:
         own = {k: v for k, v in sd.items() if k.startswith(slot.kohya_prefix + "_")}
         if own:
-            out[slot.name] = tuned_encoder(base[slot.name], own, prefix=slot.kohya_prefix)
+            out[slot.name] = tuned_encoder(base[slot.name], own, prefix=slot.kohya_prefix, label=label)
     if not out:
         raise UserError(f"{source}: no module for any text encoder of {family.label} "
                         f"(prefixes {[s.kohya_prefix for s in family.slots]})")

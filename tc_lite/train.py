@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .adapters import active_adapters, build_adapters, drift_penalty
-from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .conditioning import PromptEncoder
 from .config import Config, save_config
 from .data import PromptSampler, load_prompts, warn_long_prompts
@@ -185,7 +185,7 @@ class Recipe:
     def save_checkpoint(self) -> Path:
         """The main process writes what every process needs (each one's RNG state included)."""
         state = self.state_dict()  # collective with several processes: every process gathers
-        path = self.run_folder.checkpoints / f"step_{self.step:06d}.pt"
+        path = checkpoint_path(self.run_folder.checkpoints, self.step)
         if self.processes.is_main:
             path = save_checkpoint(self.run_folder.checkpoints, self.step, state, self.cfg.train.keep_checkpoints)
         self.processes.barrier()  # nobody reads or resumes from a checkpoint still being written
@@ -340,9 +340,8 @@ class Recipe:
         adapters in eval mode (no LoRA dropout); `tuned=False` renders the base model."""
         neg = self.cfg.sampling.negative_prompt
         with self.adapters.eval_mode(), contextlib.nullcontext() if tuned else self.adapters.original():
-            e = self.encoder
-            cond = (e.tuned if tuned else e.base)(list(prompts))
-            uncond = (e.uncond_tuned if tuned else e.uncond_base)(neg)
+            # every adapter off for the base model: its encoders' outputs are then the original ones
+            cond, uncond = self.encoder.tuned(list(prompts)), self.encoder.uncond_tuned(neg)
             return self.renderer.render(cond, uncond, seeds)
 
     def save_samples(self, step: int) -> Path | None:

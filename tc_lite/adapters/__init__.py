@@ -28,8 +28,8 @@ def build_adapters(cfg: Any, family: Any, components: Any) -> AdapterSet:
             adapter = FullTextEncoder(components, slot)
         adapter.lr = s["lr"]
         adapters.append(adapter)
-    u = getattr(cfg, "unet", None)
-    if u is not None and u.mode == "lora":
+    u = cfg.unet
+    if u.mode == "lora":
         unet = UNetLoRA(components, rank=u.rank, alpha=u.alpha, dropout=u.dropout, targets=list(u.targets),
                         base_model_version=family.kohya_base_model_version)
         unet.lr = u.lr

@@ -20,7 +20,7 @@ from tc_lite.export.kohya import (
     lora_groups,
 )
 from tc_lite.export.peft_format import _lora_config_kwargs
-from tc_lite.export.slots import split_lora
+from tc_lite.export.slots import split_parts
 from tc_lite.io import save_safetensors_atomic
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) looks for
@@ -43,13 +43,10 @@ def export_diffusers(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike
     metadata assume exactly that, so every version applies the same scale; each component keeps its own rank.
     Returns the file's path.
     """
-    from tc_lite.unet_lora import split_unet_lora
-
     _check_dtype(save_dtype)
     tensors: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, object] = {}
-    te, unet_part = split_unet_lora(lora)
-    parts = split_lora(te, source) if te or not unet_part else {}
+    parts, unet_part = split_parts(lora, source)
     for fmt, part in parts.items():
         groups = lora_groups(part, source)
         rank = _uniform_rank(groups, f"{source} ({fmt.prefix})")
@@ -92,7 +89,4 @@ def _unet_tensors(lora: Mapping[str, torch.Tensor], unet: torch.nn.Module | None
 
 def unet_rank(modules: list, source: str) -> int:
     """The one rank of a UNet LoRA's modules (peft and diffusers configs carry one rank per component)."""
-    ranks = sorted({int(m.down.shape[0]) for m in modules})
-    if len(ranks) != 1:
-        raise UserError(f"{source}: UNet modules have different ranks {ranks}; peft/diffusers exports need one rank")
-    return ranks[0]
+    return _uniform_rank([(m.name, m.down, m.up, m.alpha) for m in modules], f"{source} (UNet)")

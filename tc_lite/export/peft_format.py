@@ -20,7 +20,7 @@ from tc_lite.export.kohya import (
     _uniform_rank,
     lora_groups,
 )
-from tc_lite.export.slots import EncoderFormat, family_formats, split_lora
+from tc_lite.export.slots import EncoderFormat, family_formats, split_parts
 from tc_lite.io import save_json_atomic, save_safetensors_atomic
 
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -74,12 +74,9 @@ def export_peft(lora: Mapping[str, torch.Tensor], folder: str | os.PathLike[str]
     folder + "/unet")``. A LoRA with a UNet part puts every adapter in its component's subfolder, SD1's text
     encoder in ``folder/text_encoder``.
     """
-    from tc_lite.unet_lora import split_unet_lora
-
     _check_dtype(save_dtype)
     dest = Path(folder)
-    te, unet_part = split_unet_lora(lora)
-    parts = split_lora(te, source) if te or not unet_part else {}
+    parts, unet_part = split_parts(lora, source)
     for fmt, part in parts.items():
         alone = len(family_formats(fmt.base_model_version)) == 1 and not unet_part
         sub = dest if alone else dest / fmt.component

@@ -17,7 +17,7 @@ from tc_lite.export.diffusers_format import _DIFFUSERS_META_KEY, BASE_MODEL_META
 from tc_lite.export.encoder import canonical_encoder_key
 from tc_lite.export.kohya import _TARGET_ORDER, _kohya_module, lora_groups, read_kohya
 from tc_lite.export.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, PREFIX_META_KEY
-from tc_lite.export.slots import SD1_VERSION, SDXL_VERSION, format_for, format_of, split_lora
+from tc_lite.export.slots import SD1_VERSION, SDXL_VERSION, format_for, format_of, split_parts
 
 # peft / diffusers UNet LoRA keys (diffusers' `unet.` prefix, or peft's `base_model.model.`), by module path.
 _UNET_KEY_RE = re.compile(
@@ -74,12 +74,12 @@ def read_tuned(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> t
 
 def _classify(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], peft_cfg: Mapping[str, Any] | None,
               source: str) -> tuple[str, dict[str, torch.Tensor]]:
-    from tc_lite.unet_lora import split_unet_lora, unet_lora_groups
+    from tc_lite.unet_lora import unet_lora_groups
 
     keys = list(tensors)
     if keys and all(k.startswith("lora_") for k in keys):
-        te, unet = split_unet_lora(tensors)
-        for part in (split_lora(te, source) if te or not unet else {}).values():
+        parts, unet = split_parts(tensors, source)
+        for part in parts.values():
             lora_groups(part, source)  # validate now, with the file's name in the message
         if unet:
             unet_lora_groups(unet, source)
@@ -158,7 +158,7 @@ def _peft_unet_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[s
                         peft_cfg: Mapping[str, Any] | None, source: str) -> dict[str, torch.Tensor]:
     """peft/diffusers UNet keys -> kohya ``lora_unet_<diffusers path>`` modules, alpha from the adapter config or
     diffusers' ``unet.*`` metadata (none: alpha = rank, as diffusers reads it)."""
-    from tc_lite.unet_lora import KOHYA_UNET_PREFIX, unet_lora_groups
+    from tc_lite.unet_lora import kohya_unet_module_name, unet_lora_groups
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
@@ -172,7 +172,7 @@ def _peft_unet_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[s
     alpha, pattern = _peft_alpha(metadata, peft_cfg, rank, "unet")
     out: dict[str, torch.Tensor] = {}
     for path in sorted(parts):
-        name = f"{KOHYA_UNET_PREFIX}_{path.replace('.', '_')}"
+        name = kohya_unet_module_name(path, SD1_VERSION, {})  # diffusers paths: kohya's SD1 naming
         a = next((float(v) for pat, v in pattern.items() if re.fullmatch(rf"(.*\.)?{pat}", path)), alpha)
         out[f"{name}.lora_down.weight"] = parts[path]["A"]
         out[f"{name}.lora_up.weight"] = parts[path]["B"]

@@ -93,3 +93,14 @@ def split_lora(sd: Mapping[str, torch.Tensor], source: str = "LoRA") -> dict[Enc
         raise UserError(f"{source}: mixes SD1 (lora_te_) and SDXL (lora_te1_/lora_te2_) modules; no model has both")
     return {FORMATS[p]: out[p] for p in sorted(out)}
 
+
+
+def split_parts(sd: Mapping[str, torch.Tensor],
+                source: str = "LoRA") -> tuple[dict[EncoderFormat, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A kohya state dict as (its text-encoder parts by encoder, as `split_lora` gives them; its UNet part, the
+    ``lora_unet_`` modules). A UNet-only LoRA has no encoder parts; one with neither is refused as `split_lora`
+    refuses it."""
+    from tc_lite.unet_lora import split_unet_lora
+
+    te, unet = split_unet_lora(sd)
+    return (split_lora(te, source) if te or not unet else {}), unet

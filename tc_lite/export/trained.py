@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from tc_lite.export.kohya import a1111_warning, kohya_dims, kohya_metadata, save_dtype_of, write_kohya
-from tc_lite.export.slots import split_lora
+from tc_lite.export.slots import split_parts
 
 
 def run_lora_metadata(cfg: Any, lora: Mapping[str, torch.Tensor], *, output_name: str, steps: int, precision: str,
@@ -28,10 +28,9 @@ def run_lora_metadata(cfg: Any, lora: Mapping[str, torch.Tensor], *, output_name
     the UNet. ``base_model_version`` is required for a UNet-only LoRA (its names alone do not say SD1 or SDXL).
     """
     from tc_lite.adapters import encoder_settings
-    from tc_lite.unet_lora import KOHYA_UNET_PREFIX, split_unet_lora, unet_lora_groups
+    from tc_lite.unet_lora import KOHYA_UNET_PREFIX, unet_lora_groups
 
-    te, unet = split_unet_lora(lora)
-    parts = split_lora(te, output_name) if te or not unet else {}
+    parts, unet = split_parts(lora, output_name)
     per_encoder: dict[str, dict[str, Any]] = {}
     for fmt, part in parts.items():
         rank, alpha = kohya_dims(part)
